@@ -1,0 +1,42 @@
+"""What the runtime tells its hooks: plain records, so observability never imports the runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunInfo:
+    """One run of the flow: what was selected and its identifiers."""
+
+    run_id: str
+    selection: str
+    assets: tuple[str, ...]
+    flow_run_id: str | None = None
+    trace_id: str | None = None
+
+
+@dataclass
+class AssetOutcome:
+    """How one asset's materialization ended."""
+
+    asset: str
+    status: str = "pending"  # success | failed | skipped
+    rows_read: int = 0
+    rows_loaded: int = 0
+    rows_written: int = 0
+    rows_deleted: int = 0
+    rows_dead_lettered: int = 0
+    bytes_read: int = 0
+    duration_s: float = 0.0
+    checkpoint_before: dict[str, str | None] = field(default_factory=dict)
+    checkpoint_after: dict[str, str | None] = field(default_factory=dict)
+    error: str | None = None
+    error_type: str | None = None
+    step: str | None = None
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The latest cursor value among the asset's source tables, for one-line summaries."""
+        values = [v for v in self.checkpoint_after.values() if v]
+        return max(values) if values else None

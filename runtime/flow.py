@@ -1,0 +1,179 @@
+"""The Prefect flow: one run resolves a selection and materializes its assets in parallel.
+
+Ordering is ours, not Prefect's `wait_for`: a task waiting on a failed upstream would stay
+Pending forever, while we mark it skipped and let independent branches finish.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from assets.errors import SyncError, UpstreamFailed
+from graph import AssetGraph, Selection, default_graph
+from observability.events import AssetOutcome, RunInfo
+from observability.hooks import Hook, HookSet
+from observability.logs import LoggingHook
+from observability.tracing import TracingHook, setup_tracing
+from runtime.load import Progress
+from runtime.materialize import RunContext, materialize_asset
+from runtime.session import RunLockHeld, open_session
+from runtime.settings import Settings, load_settings
+
+#: Threads available to the task runner; how many assets run at once is MAX_PARALLEL.
+TASK_RUNNER_THREADS = 16
+
+
+@dataclass
+class RunReport:
+    """Every selected asset's outcome, in graph order."""
+
+    run_id: str
+    selection: str
+    outcomes: list[AssetOutcome] = field(default_factory=list)
+    trace_id: str | None = None
+    skipped_reason: str | None = None
+
+    @property
+    def failed(self) -> list[AssetOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def status(self) -> str:
+        if self.skipped_reason:
+            return "skipped"
+        return "failed" if self.failed else "success"
+
+
+class RunFailed(SyncError):
+    """At least one asset failed; carries the whole report."""
+
+    def __init__(self, report: RunReport) -> None:
+        names = ", ".join(f"{o.asset} ({o.error})" for o in report.failed)
+        super().__init__(f"{len(report.failed)} asset(s) failed: {names}")
+        self.report = report
+
+
+@task(name="materialize-asset", task_run_name="asset-{name}", cache_policy=NO_CACHE)
+def materialize_task(name: str, ctx: RunContext) -> AssetOutcome:
+    return materialize_asset(ctx.graph.spec(name), ctx)
+
+
+def run_graph(graph: AssetGraph, ctx: RunContext, submit: Callable[[str], PrefectFuture]) -> list[AssetOutcome]:
+    """Submit each asset once all its upstream succeeded, at most MAX_PARALLEL at a time."""
+    waiting = list(graph.names)
+    running: dict[PrefectFuture, str] = {}
+    status: dict[str, str] = {}
+    while waiting or running:
+        for name in list(waiting):
+            upstream = graph.upstream(name)
+            if any(status.get(u) in ("failed", "skipped") for u in upstream):
+                waiting.remove(name)
+                blocked = [u for u in upstream if status.get(u) in ("failed", "skipped")]
+                outcome = AssetOutcome(asset=name, status="skipped", error=f"upstream failed: {', '.join(blocked)}")
+                ctx.outcomes[name] = outcome
+                status[name] = "skipped"
+                ctx.hooks.asset_finished(ctx.run, outcome, UpstreamFailed(outcome.error))
+            elif all(status.get(u) == "success" for u in upstream) and len(running) < ctx.settings.max_parallel:
+                waiting.remove(name)
+                running[submit(name)] = name
+        if not running:
+            continue
+        done = next(iter(as_completed(list(running))))
+        name = running.pop(done)
+        done.wait()
+        status[name] = "success" if done.state.is_completed() else "failed"
+        if name not in ctx.outcomes:  # the task died before it could report
+            ctx.outcomes[name] = AssetOutcome(asset=name, status="failed", error=str(done.state.message))
+    return [ctx.outcomes[n] for n in graph.names]
+
+
+def default_hooks(json_logs: bool = False, extra: list[Hook] | None = None) -> HookSet:
+    """Logs and traces, plus whatever the caller adds (the CLI's progress display)."""
+    setup_tracing()
+    return HookSet([LoggingHook(json_lines=json_logs), TracingHook(), *(extra or [])])
+
+
+def _flow_run_name() -> str:
+    assets = flow_run.parameters.get("assets") or ["*"]
+    return "materialize " + str(Selection.parse(assets))
+
+
+def execute(
+    assets: list[str] | str,
+    *,
+    full_refresh: bool = False,
+    settings: Settings | None = None,
+    hooks: Hook | None = None,
+    progress: Progress | None = None,
+) -> RunReport:
+    """Resolve the selection, open the run's session (checks, lock, pool) and run the graph."""
+    settings = settings or load_settings()
+    graph = default_graph()
+    selection = Selection.parse(assets)
+    names = selection.resolve_ordered(graph)
+    subgraph = graph.subgraph(names)
+    hooks = hooks or default_hooks()
+    run = RunInfo(
+        run_id=str(flow_run.id or uuid.uuid4()),
+        selection=str(selection),
+        assets=tuple(names),
+        flow_run_id=flow_run.id,
+    )
+    report = RunReport(run_id=run.run_id, selection=str(selection))
+    try:
+        session = open_session(settings, subgraph)
+    except RunLockHeld as held:
+        report.skipped_reason = str(held)
+        return report
+    with session:
+        ctx = RunContext(
+            settings=settings, url=session.url, clients=session.clients, pool=session.pool,
+            catalog=session.catalog, hooks=hooks, run=run, graph=subgraph,
+            full_refresh=frozenset(names) if full_refresh else frozenset(), progress=progress,
+        )
+        hooks.run_started(run)
+        report.trace_id = run.trace_id
+        error: BaseException | None = None
+        try:
+            report.outcomes = run_graph(subgraph, ctx, lambda name: materialize_task.submit(name, ctx))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            hooks.run_finished(run, report.outcomes, error)
+    return report
+
+
+@flow(
+    name="gong-sync",
+    flow_run_name=_flow_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=TASK_RUNNER_THREADS),
+    validate_parameters=True,
+)
+def sync_flow(
+    assets: list[str] | None = None,
+    full_refresh: bool = False,
+    log_format: str = "text",
+    show_progress: bool = False,
+) -> RunReport:
+    """Materialize the selected assets (default: all). Fails when any asset failed."""
+    from runtime.progress import TerminalProgress
+
+    progress = TerminalProgress() if show_progress else None
+    report = execute(
+        assets or ["*"],
+        full_refresh=full_refresh,
+        hooks=default_hooks(json_logs=log_format == "json", extra=[progress] if progress else []),
+        progress=progress.update if progress else None,
+    )
+    if report.failed:
+        raise RunFailed(report)
+    return report

@@ -1,0 +1,91 @@
+"""One asset's materialization: land its sources, secure the raw tables, build the destination."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from psycopg_pool import ConnectionPool
+
+from assets.errors import SyncError
+from assets.spec import AssetSpec
+from graph import AssetGraph
+from observability.events import AssetOutcome, RunInfo
+from observability.hooks import Hook
+from runtime.bigquery import BigQueryClients
+from runtime.build import build_asset
+from runtime.load import Progress, land
+from runtime.postgres import Catalog, record_sync_status, secure_raw_table
+from runtime.settings import Settings
+
+
+@dataclass
+class RunContext:
+    """Everything one run shares across its assets: settings, clients, the pool, the hooks."""
+
+    settings: Settings
+    url: str
+    clients: BigQueryClients
+    pool: ConnectionPool
+    catalog: Catalog
+    hooks: Hook
+    run: RunInfo
+    graph: AssetGraph
+    full_refresh: frozenset[str] = frozenset()
+    progress: Progress | None = None
+    outcomes: dict[str, AssetOutcome] = field(default_factory=dict)
+
+
+def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
+    """Run one asset end to end; failures come back in the outcome (and are re-raised by callers)."""
+    outcome = AssetOutcome(asset=spec.name)
+    started = time.perf_counter()
+    ctx.hooks.asset_started(ctx.run, spec.name)
+    error: SyncError | None = None
+    try:
+        outcome.step = "land"
+        with ctx.hooks.step(ctx.run, spec.name, "land", tables=[s.raw_table for s in spec.sources]):
+            landed = land(
+                spec, ctx.settings, ctx.clients, ctx.url,
+                full_refresh=spec.name in ctx.full_refresh, progress=ctx.progress,
+            )
+        outcome.rows_read = sum(landed.rows_read.values())
+        outcome.rows_loaded = sum(landed.rows_loaded.values())
+        outcome.bytes_read = landed.bytes_read
+        outcome.checkpoint_before = landed.checkpoint_before
+        outcome.checkpoint_after = landed.checkpoint_after
+        outcome.step = "build"
+        with ctx.hooks.step(ctx.run, spec.name, "build"), ctx.pool.connection() as conn:
+            for source in spec.sources:
+                secure_raw_table(conn, ctx.catalog, source.raw_table, source.primary_key)
+            built = build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh)
+        outcome.rows_written = built.upserted
+        outcome.rows_deleted = built.deleted
+        outcome.status = "success"
+        outcome.step = None
+    except SyncError as exc:
+        error = exc
+        outcome.status = "failed"
+        outcome.error = str(exc)
+        outcome.error_type = type(exc).__name__
+    outcome.duration_s = time.perf_counter() - started
+    ctx.outcomes[spec.name] = outcome
+    _record_status(ctx, outcome)
+    ctx.hooks.asset_finished(ctx.run, outcome, error)
+    if error is not None:
+        raise error
+    return outcome
+
+
+def _record_status(ctx: RunContext, outcome: AssetOutcome) -> None:
+    with ctx.pool.connection() as conn:
+        record_sync_status(
+            conn,
+            ctx.catalog,
+            outcome.asset,
+            checkpoint=outcome.checkpoint_after or None,
+            items=outcome.rows_written + outcome.rows_deleted,
+            errors=outcome.rows_dead_lettered + (1 if outcome.status == "failed" else 0),
+            status="success" if outcome.status == "success" else "failed",
+            message=outcome.error,
+        )

@@ -1,0 +1,190 @@
+"""The Postgres side the project itself talks to: connection checks, the pool, DDL, bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from assets.errors import CredentialError, TransientError
+from assets.spec import AssetSpec
+from runtime.settings import Settings
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a Postgres URL points, without its password: safe to print."""
+
+    user: str
+    host: str
+    port: int
+    database: str
+
+    @classmethod
+    def parse(cls, url: str) -> "Endpoint":
+        parts = urlsplit(url)
+        return cls(
+            user=unquote(parts.username or "postgres"),
+            host=parts.hostname or "localhost",
+            port=parts.port or 5432,
+            database=unquote(parts.path.lstrip("/")) or unquote(parts.username or "postgres"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}/{self.database}"
+
+
+def explain_connect_error(exc: psycopg.OperationalError, endpoint: Endpoint) -> Exception:
+    """Turn a libpq connection failure into one sentence naming what is wrong (never the password)."""
+    text = str(exc)
+    where = f"{endpoint.host}:{endpoint.port}"
+    if "password authentication failed" in text or "no password supplied" in text:
+        return CredentialError(f"DATABASE_URL: password rejected for user {endpoint.user} at {where}")
+    if "does not exist" in text and "database" in text:
+        return CredentialError(f"DATABASE_URL: database {endpoint.database} does not exist at {where}")
+    if "does not exist" in text and "role" in text:
+        return CredentialError(f"DATABASE_URL: user {endpoint.user} does not exist at {where}")
+    if "permission denied" in text or "not permitted" in text:
+        return CredentialError(f"DATABASE_URL: user {endpoint.user} may not connect to {endpoint.database} at {where}")
+    if "Connection refused" in text or "could not connect" in text or "timeout" in text.lower():
+        return TransientError(f"DATABASE_URL: nothing accepts connections at {where} (is Postgres running?)")
+    return TransientError(f"DATABASE_URL: cannot connect to {where}: {type(exc).__name__}")
+
+
+def check_connection(url: str) -> Endpoint:
+    """Connect once; raise a CredentialError or TransientError that names the problem."""
+    endpoint = Endpoint.parse(url)
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        raise explain_connect_error(exc, endpoint) from None
+    return endpoint
+
+
+def open_pool(url: str, settings: Settings) -> ConnectionPool:
+    """One pool per run, shared by every asset for bookkeeping and derived builds."""
+    pool = ConnectionPool(url, min_size=1, max_size=settings.max_parallel + 2, open=False, kwargs={"autocommit": True})
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+class Catalog:
+    """Names of the project's schemas and bookkeeping tables, quoted once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.raw = sql.Identifier(settings.raw_schema)
+        self.dest = sql.Identifier(settings.destination_schema)
+        self.raw_name = settings.raw_schema
+        self.dest_name = settings.destination_schema
+
+    def raw_table(self, name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(self.raw, sql.Identifier(name))
+
+    def dest_table(self, name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(self.dest, sql.Identifier(name))
+
+    @property
+    def watermarks(self) -> sql.Composed:
+        return self.raw_table("_asset_watermarks")
+
+    @property
+    def sync_status(self) -> sql.Composed:
+        return self.dest_table("sync_status")
+
+
+def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[AssetSpec]) -> None:
+    """Create schemas, bookkeeping tables and the selected destination tables, before any run.
+
+    Done once, serially: parallel dlt pipelines creating the same schema race on CREATE SCHEMA.
+    """
+    with conn.transaction():
+        for schema in (catalog.raw, catalog.dest):
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (asset text PRIMARY KEY, loaded_through jsonb NOT NULL,"
+                " built_at timestamptz NOT NULL DEFAULT now())"
+            ).format(catalog.watermarks)
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (entity_type text PRIMARY KEY, last_checkpoint jsonb,"
+                " items_synced bigint NOT NULL DEFAULT 0, error_count integer NOT NULL DEFAULT 0,"
+                " status text NOT NULL CHECK (status IN ('success', 'failed')), message text,"
+                " finished_at timestamptz NOT NULL DEFAULT now())"
+            ).format(catalog.sync_status)
+        )
+        for spec in specs:
+            create_destination_table(conn, catalog, spec)
+
+
+def create_destination_table(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec) -> None:
+    """The destination table with its real primary key (dlt would create none) and indexes."""
+    cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in spec.columns]
+    cols.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, spec.primary_key))))
+    table = catalog.dest_table(spec.table)
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, sql.SQL(", ").join(cols)))
+    for index in spec.indexes:
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} " + index.definition).format(sql.Identifier(index.name), table)
+        )
+
+
+def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, table: str, primary_key: tuple[str, ...]) -> None:
+    """Give a landed raw table its primary key and the load-id index the builds scan by.
+
+    dlt declares primary-key columns NOT NULL but creates no constraint; without one its
+    delete-insert merge scans the whole table.
+    """
+    ref = catalog.raw_table(table)
+    with conn.transaction():
+        has_pk = conn.execute(
+            "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+            (f'"{catalog.raw_name}"."{table}"',),
+        ).fetchone()
+        if not has_pk:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                    ref, sql.SQL(", ").join(map(sql.Identifier, primary_key))
+                )
+            )
+        conn.execute(
+            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ((_dlt_load_id::numeric))").format(
+                sql.Identifier(f"{table}__load_id"[:63]), ref
+            )
+        )
+
+
+def table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}"."{table}"',)).fetchone()[0]
+
+
+def record_sync_status(
+    conn: psycopg.Connection,
+    catalog: Catalog,
+    asset: str,
+    *,
+    checkpoint: dict[str, str | None] | None,
+    items: int,
+    errors: int,
+    status: str,
+    message: str | None = None,
+) -> None:
+    """One row per asset for people and dashboards: last checkpoint, rows, errors, status."""
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {} AS s (entity_type, last_checkpoint, items_synced, error_count, status, message, finished_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, now())"
+            " ON CONFLICT (entity_type) DO UPDATE SET"
+            " last_checkpoint = coalesce(EXCLUDED.last_checkpoint, s.last_checkpoint),"
+            " items_synced = EXCLUDED.items_synced, error_count = EXCLUDED.error_count,"
+            " status = EXCLUDED.status, message = EXCLUDED.message, finished_at = EXCLUDED.finished_at"
+        ).format(catalog.sync_status),
+        (asset, json.dumps(checkpoint) if checkpoint else None, items, errors, status, message),
+    )

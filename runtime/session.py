@@ -1,0 +1,83 @@
+"""A run's session: check both systems, take the run lock, open the pool, prepare the schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from assets.errors import SyncError
+from graph import AssetGraph
+from runtime import bigquery
+from runtime.bigquery import BigQueryClients
+from runtime.postgres import Catalog, Endpoint, check_connection, explain_connect_error, open_pool, prepare_schemas
+from runtime.settings import Settings
+
+#: pg_try_advisory_lock key of the whole pipeline: one run at a time per database.
+RUN_LOCK_KEY = 0x60_6E_5C  # "gong sync"
+
+
+class RunLockHeld(SyncError):
+    """Another run holds the lock; this one does no work and ends successfully."""
+
+    exit_code = 0
+
+
+def preflight(settings: Settings) -> tuple[str, Endpoint, BigQueryClients]:
+    """Connect to both systems before any work; raise errors that name the bad credential."""
+    url = settings.postgres_url()
+    endpoint = check_connection(url)
+    clients = bigquery.connect(settings)
+    try:
+        bigquery.check_dataset(clients, settings.gong_dataset, "GONG_DATASET")
+    except BaseException:
+        clients.close()
+        raise
+    return url, endpoint, clients
+
+
+@dataclass
+class Session:
+    url: str
+    endpoint: Endpoint
+    clients: BigQueryClients
+    pool: ConnectionPool
+    catalog: Catalog
+    lock_conn: psycopg.Connection
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # Closing the lock's connection releases the advisory lock, on any exit path.
+        self.lock_conn.close()
+        self.pool.close()
+        self.clients.close()
+
+
+def open_session(settings: Settings, graph: AssetGraph) -> Session:
+    url, endpoint, clients = preflight(settings)
+    try:
+        lock_conn = psycopg.connect(url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        clients.close()
+        raise explain_connect_error(exc, endpoint) from None
+    locked = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()[0]
+    if not locked:
+        lock_conn.close()
+        clients.close()
+        raise RunLockHeld(f"skipped: another run holds the lock on {endpoint}")
+    try:
+        pool = open_pool(url, settings)
+        catalog = Catalog(settings)
+        with pool.connection() as conn:
+            prepare_schemas(conn, catalog, [graph.spec(n) for n in graph.names])
+    except BaseException:
+        lock_conn.close()
+        clients.close()
+        raise
+    return Session(url, endpoint, clients, pool, catalog, lock_conn)

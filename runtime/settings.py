@@ -1,0 +1,102 @@
+"""The one settings class, read from the environment; its errors name the variable, never a value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from assets.errors import ConfigError, CredentialError
+
+#: A Postgres identifier we are willing to quote and use: letters, digits, underscore.
+PG_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: BigQuery dataset and table names: letters, digits, underscore.
+BQ_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
+#: BigQuery project ids: lower case letters, digits and hyphens.
+BQ_PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+
+_DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "gong-sync"
+
+
+class Settings(BaseSettings):
+    """Everything the pipeline reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: SecretStr | None = Field(default=None, description="Postgres URL (DATABASE_URL)")
+    google_application_credentials: Path | None = None
+    bigquery_project: str = "prefect-data-warehouse"
+    gong_dataset: str = "gongio_ft"
+    salesforce_dataset: str = "salesforce"
+    bigquery_location: str | None = None
+    #: REST endpoint of a BigQuery emulator (`http://host:port`); anonymous credentials when set.
+    bigquery_emulator_host: str | None = None
+    #: gRPC `host:port` of the emulator's Storage Read API.
+    bigquery_storage_emulator_host: str | None = None
+    destination_schema: str = "public"
+    raw_schema: str = "gong_raw"
+    batch_size: int = Field(default=1000, ge=1)
+    max_parallel: int = Field(default=4, ge=1, le=64)
+    internal_email_domains: Annotated[tuple[str, ...], NoDecode] = ("prefect.io",)
+    #: Where dlt keeps its working folders (pending load packages); state also lives in Postgres.
+    pipelines_dir: Path = _DEFAULT_STATE_DIR / "pipelines"
+
+    @field_validator("internal_email_domains", mode="before")
+    @classmethod
+    def _split_domains(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",")]
+        return tuple(str(part).strip().lower() for part in value if str(part).strip())  # type: ignore[union-attr]
+
+    @field_validator("destination_schema", "raw_schema")
+    @classmethod
+    def _pg_identifier(cls, value: str) -> str:
+        if not PG_IDENTIFIER.match(value):
+            raise ValueError("must be a plain Postgres identifier (letters, digits, underscore; at most 63)")
+        return value
+
+    @field_validator("gong_dataset", "salesforce_dataset")
+    @classmethod
+    def _bq_name(cls, value: str) -> str:
+        if not BQ_NAME.match(value):
+            raise ValueError("must be a BigQuery dataset name (letters, digits, underscore)")
+        return value
+
+    @field_validator("bigquery_project")
+    @classmethod
+    def _bq_project(cls, value: str) -> str:
+        if not BQ_PROJECT.match(value):
+            raise ValueError("must be a BigQuery project id (lower case letters, digits, hyphens)")
+        return value
+
+    @property
+    def uses_emulator(self) -> bool:
+        return bool(self.bigquery_emulator_host)
+
+    def dataset(self, key: str) -> str:
+        """The BigQuery dataset behind a source's dataset key (`gong`, `salesforce`)."""
+        return {"gong": self.gong_dataset, "salesforce": self.salesforce_dataset}[key]
+
+    def postgres_url(self) -> str:
+        """The Postgres URL; a missing one is a credential error naming DATABASE_URL."""
+        if self.database_url is None or not self.database_url.get_secret_value().strip():
+            raise CredentialError("DATABASE_URL is not set: set it to postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+        url = self.database_url.get_secret_value().strip()
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise CredentialError("DATABASE_URL must start with postgresql:// (the value is not shown)")
+        return url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings; a bad value becomes a ConfigError that names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
