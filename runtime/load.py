@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import dlt
 import pyarrow as pa
+from dlt.common.destination.exceptions import SchemaUpdateError
+from dlt.common.exceptions import TransientException as DltTransientException
 from dlt.common.pipeline import LoadInfo
 from dlt.pipeline.exceptions import PipelineStepFailed
 
@@ -138,7 +140,9 @@ def _classify(spec: AssetSpec, exc: PipelineStepFailed) -> SyncError:
     if isinstance(cause, SyncError):
         return cause
     text = f"{spec.name}: {exc.step} step failed: {type(exc.exception).__name__}: {exc.exception}"
-    transient = getattr(exc.exception, "transient", None) or "connection" in str(exc.exception).lower()
+    # dlt says a failed schema update is safe to retry (two pipelines creating dlt's own tables in
+    # one dataset at once); its transient exceptions are network and server hiccups.
+    transient = isinstance(exc.exception, (SchemaUpdateError, DltTransientException))
     return TransientError(text) if transient else PermanentError(text)
 
 

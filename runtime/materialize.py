@@ -15,6 +15,7 @@ from observability.hooks import Hook
 from runtime.bigquery import BigQueryClients
 from runtime.build import build_asset
 from runtime.load import Progress, land
+from runtime.retry import with_retries
 from runtime.postgres import Catalog, record_sync_status, secure_raw_table
 from runtime.settings import Settings
 
@@ -45,10 +46,10 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     try:
         outcome.step = "land"
         with ctx.hooks.step(ctx.run, spec.name, "land", tables=[s.raw_table for s in spec.sources]):
-            landed = land(
+            landed = with_retries(ctx.settings, f"{spec.name}: land", lambda: land(
                 spec, ctx.settings, ctx.clients, ctx.url,
                 full_refresh=spec.name in ctx.full_refresh, progress=ctx.progress,
-            )
+            ))
         outcome.rows_read = sum(landed.rows_read.values())
         outcome.rows_loaded = sum(landed.rows_loaded.values())
         outcome.bytes_read = landed.bytes_read

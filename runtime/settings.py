@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     raw_schema: str = "gong_raw"
     batch_size: int = Field(default=1000, ge=1)
     max_parallel: int = Field(default=4, ge=1, le=64)
+    #: Tries after the first for transient failures, and the exponential backoff's base and cap (s).
+    retries: int = Field(default=3, ge=0, le=10)
+    retry_backoff_base: float = Field(default=1.0, ge=0)
+    retry_backoff_max: float = Field(default=30.0, ge=0)
     internal_email_domains: Annotated[tuple[str, ...], NoDecode] = ("prefect.io",)
     #: Where dlt keeps its working folders (pending load packages); state also lives in Postgres.
     pipelines_dir: Path = _DEFAULT_STATE_DIR / "pipelines"
