@@ -189,9 +189,13 @@ class TableReader:
             raise SourceTableMissing(f"source table {self.ref} does not exist") from None
         except _TRANSIENT as exc:
             raise TransientError(f"BigQuery Storage read of {self.ref} failed: {type(exc).__name__}") from None
+        schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
         for stream in session.streams:
-            for page in self.clients.storage.read_rows(stream.name).rows(session).pages:
-                batch = page.to_arrow()
+            # The stream object resumes at its offset when the connection drops mid-read.
+            for response in self.clients.storage.read_rows(stream.name):
+                batch = pa.ipc.read_record_batch(
+                    pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema
+                )
                 self.stats.rows += batch.num_rows
                 self.stats.bytes += batch.nbytes
                 yield pa.Table.from_batches([batch])
