@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Prefect's API client logs every HTTP request at INFO: noise for an operator.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.list:
             print_graph()
