@@ -21,6 +21,13 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Column(_Frozen):
+    name: str
+    pg_type: str
+    #: Set to now() when the row is inserted or changes; left out of the change comparison.
+    touched: bool = False
+
+
 class SourceTable(_Frozen):
     """One BigQuery table an asset reads, incrementally, into the raw schema."""
 
@@ -32,6 +39,15 @@ class SourceTable(_Frozen):
     columns: tuple[str, ...] | None = None
     #: Soft-delete flag columns: a true value removes the row from derived tables.
     deleted_flags: tuple[str, ...] = ("_fivetran_deleted",)
+    #: The setting that names this table in the warehouse, when accounts differ.
+    table_setting: str | None = None
+    #: When `dataset` does not exist, read the same table from this one instead (logged).
+    fallback_dataset: DatasetKey | None = None
+    #: When `dataset` does not exist and there is no fallback: an empty raw table with these
+    #: columns stands in, so the build's joins find nothing instead of failing.
+    stand_in: tuple[Column, ...] = ()
+    #: A valid source row; rows that fail it go to the dead-letter table and are not landed.
+    row_model: type[BaseModel] | None = None
 
     @property
     def raw_table(self) -> str:
@@ -39,16 +55,20 @@ class SourceTable(_Frozen):
         return f"{self.dataset}__{self.table}"
 
 
-class Column(_Frozen):
-    name: str
-    pg_type: str
-
-
 class Index(_Frozen):
     """A secondary index on the destination table; `definition` is what follows `ON table`."""
 
     name: str
     definition: str
+
+
+class Check(_Frozen):
+    """A data-quality rule logged after a build: `sql` selects `(key, detail)` of offending rows,
+    reading `_build_rows` (the rows this build wrote) and, through `{raw}`, the raw tables."""
+
+    level: Literal["warning", "error"]
+    message: str
+    sql: str
 
 
 class Build(_Frozen):
@@ -63,6 +83,7 @@ class Build(_Frozen):
     inputs: tuple[str, ...]
     rows: str
     changed_keys: str
+    checks: tuple[Check, ...] = ()
 
 
 class AssetSpec(_Frozen):
@@ -98,10 +119,20 @@ class AssetSpec(_Frozen):
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
+    @property
+    def built_columns(self) -> tuple[str, ...]:
+        """The columns the build SQL selects: all but those stamped by the runtime."""
+        return tuple(c.name for c in self.columns if not c.touched)
+
 
 def columns(**types: str) -> tuple[Column, ...]:
     """Columns in keyword order: `columns(id="text", title="text")`."""
     return tuple(Column(name=name, pg_type=pg_type) for name, pg_type in types.items())
+
+
+def since(source: SourceTable, alias: str) -> str:
+    """SQL: the raw row (as `alias`) arrived since this build's last look at its table."""
+    return f"{alias}." + LOADED_SINCE.format(table=source.raw_table)
 
 
 def live(alias: str, source: SourceTable) -> str:

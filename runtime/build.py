@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -23,6 +24,29 @@ class BuildResult:
     deleted: int = 0
     full: bool = False
     loaded_through: dict[str, str] = field(default_factory=dict)
+    #: (level, message, number of rows, a few example keys) per check that found rows.
+    checks: list[tuple[str, str, int, list[str]]] = field(default_factory=list)
+
+
+#: Example keys a check logs; the count says how many there were in all.
+CHECK_EXAMPLES = 5
+log = logging.getLogger("gong_sync.build")
+
+
+def _run_checks(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, params: dict) -> list:
+    found = []
+    for check in spec.build.checks:
+        rows = conn.execute(sql.SQL(check.sql).format(**fmt), params).fetchall()
+        if not rows:
+            continue
+        examples = [f"{key} ({detail})" if detail else str(key) for key, detail in rows[:CHECK_EXAMPLES]]
+        found.append((check.level, check.message, len(rows), examples))
+        log.log(
+            logging.ERROR if check.level == "error" else logging.WARNING,
+            "%s: %d row(s): %s: %s%s", spec.name, len(rows), check.message, ", ".join(examples),
+            ", ..." if len(rows) > CHECK_EXAMPLES else "",
+        )
+    return found
 
 
 def _keys(spec: AssetSpec) -> sql.Composable:
@@ -87,6 +111,7 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
                     ).format(rows_sql, _keys(spec)),
                     params,
                 )
+            result.checks = _run_checks(conn, spec, fmt, params)
             result.upserted = _upsert(conn, spec, dest)
             result.deleted = _delete_dropped(conn, spec, dest, full=result.full)
             conn.execute(
@@ -107,13 +132,20 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
 
 
 def _upsert(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable) -> int:
-    """Insert new rows and update changed ones; an identical row is left alone (not rewritten)."""
-    cols = [sql.Identifier(c) for c in spec.column_names]
-    non_key = [sql.Identifier(c) for c in spec.column_names if c not in spec.primary_key]
-    column_list = sql.SQL(", ").join(cols)
+    """Insert new rows and update changed ones; an identical row is left alone (not rewritten).
+
+    `touched` columns (updated_at) are stamped with now() and kept out of the comparison, so they
+    move only when something else in the row does.
+    """
+    built = [sql.Identifier(c) for c in spec.built_columns]
+    touched = [sql.Identifier(c.name) for c in spec.columns if c.touched]
+    non_key = [sql.Identifier(c) for c in spec.built_columns if c not in spec.primary_key]
     if non_key:
         conflict = sql.SQL("DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})").format(
-            sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(c, c) for c in non_key),
+            sql.SQL(", ").join(
+                [sql.SQL("{} = EXCLUDED.{}").format(c, c) for c in non_key]
+                + [sql.SQL("{} = now()").format(c) for c in touched]
+            ),
             sql.SQL(", ").join(sql.SQL("d.{}").format(c) for c in non_key),
             sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(c) for c in non_key),
         )
@@ -121,7 +153,11 @@ def _upsert(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable) -> 
         conflict = sql.SQL("DO NOTHING")
     cur = conn.execute(
         sql.SQL("INSERT INTO {} AS d ({}) SELECT {} FROM _build_rows ON CONFLICT ({}) {}").format(
-            dest, column_list, column_list, _keys(spec), conflict
+            dest,
+            sql.SQL(", ").join(built + touched),
+            sql.SQL(", ").join([*built, *(sql.SQL("now()") for _ in touched)]),
+            _keys(spec),
+            conflict,
         )
     )
     return cur.rowcount

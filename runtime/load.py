@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import dlt
 import pyarrow as pa
+from pydantic import ValidationError
 from dlt.common.destination.exceptions import SchemaUpdateError
 from dlt.common.exceptions import TransientException as DltTransientException
-from dlt.common.pipeline import LoadInfo
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from assets.errors import PermanentError, SourceTableMissing, SyncError, TransientError
 from assets.spec import AssetSpec, SourceTable
-from runtime.bigquery import BigQueryClients, TableReader
+from runtime.bigquery import BigQueryClients, TableReader, dataset_exists
 from runtime.postgres import Endpoint
 from runtime.settings import Settings
 
@@ -28,6 +31,69 @@ os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 
 #: Called with (raw table, rows read so far) while a table is being read.
 Progress = Callable[[str, int], None]
+#: Called with (source, rejected rows) for rows that fail the source's row model; each rejected
+#: row is (row key, primary key or None, the row, the validation errors).
+Rejects = Callable[[SourceTable, list[tuple[str, dict | None, dict, list]]], None]
+
+log = logging.getLogger("gong_sync.load")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a source table is read from in this warehouse, or that a stand-in replaces it."""
+
+    source: SourceTable
+    dataset: str
+    table: str
+    stand_in: bool = False
+
+
+def resolve(source: SourceTable, settings: Settings, clients: BigQueryClients) -> ResolvedSource:
+    """Apply the table-name setting and the missing-dataset rules (fallback, stand-in, error)."""
+    table = getattr(settings, source.table_setting) if source.table_setting else source.table
+    dataset = settings.dataset(source.dataset)
+    if dataset_exists(clients, dataset):
+        return ResolvedSource(source, dataset, table)
+    if source.fallback_dataset:
+        fallback = settings.dataset(source.fallback_dataset)
+        log.warning(
+            "BigQuery dataset %s.%s does not exist: reading %s.%s.%s instead",
+            clients.project, dataset, clients.project, fallback, table,
+        )
+        return ResolvedSource(source, fallback, table)
+    if source.stand_in:
+        log.warning("BigQuery dataset %s.%s does not exist: %s stays empty", clients.project, dataset, source.raw_table)
+        return ResolvedSource(source, dataset, table, stand_in=True)
+    raise SourceTableMissing(f"source table {clients.project}.{dataset}.{table} does not exist (no dataset {dataset})")
+
+
+def validate(table: pa.Table, source: SourceTable, batch_size: int) -> tuple[pa.Table, list]:
+    """Split a batch into rows the source's model accepts and rejected rows with their errors.
+
+    Validation runs BATCH_SIZE rows at a time so a large Arrow batch never becomes one big list
+    of dicts; sources without a model pass through untouched, at no cost.
+    """
+    model = source.row_model
+    if model is None:
+        return table, []
+    keep: list[int] = []
+    rejects: list[tuple[str, dict | None, dict, list]] = []
+    for offset in range(0, table.num_rows, batch_size):
+        for i, row in enumerate(table.slice(offset, batch_size).to_pylist()):
+            try:
+                model.model_validate(row)
+            except ValidationError as exc:
+                pk = {k: row.get(k) for k in source.primary_key}
+                whole = all(v not in (None, "") for v in pk.values())
+                key_text = json.dumps(pk if whole else row, sort_keys=True, default=str)
+                errors = [
+                    {"field": ".".join(map(str, e["loc"])), "error": "missing" if e.get("input") is None else e["msg"]}
+                    for e in exc.errors()
+                ]
+                rejects.append((hashlib.sha256(key_text.encode()).hexdigest(), pk if whole else None, row, errors))
+            else:
+                keep.append(offset + i)
+    return (table if not rejects else table.take(keep)), rejects
 
 
 @dataclass
@@ -35,6 +101,8 @@ class LandResult:
     """What landing an asset's sources did: rows read and loaded per raw table, checkpoints."""
 
     rows_read: dict[str, int] = field(default_factory=dict)
+    rows_rejected: dict[str, int] = field(default_factory=dict)
+    stand_ins: list[SourceTable] = field(default_factory=list)
     rows_loaded: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     checkpoint_before: dict[str, str | None] = field(default_factory=dict)
@@ -68,7 +136,10 @@ def _checkpoint(pipeline: dlt.Pipeline, source: SourceTable) -> str | None:
     return str(value)
 
 
-def _resource(source: SourceTable, reader: TableReader, progress: Progress | None):
+def _resource(
+    source: SourceTable, reader: TableReader, batch_size: int, progress: Progress | None, reject: Rejects | None,
+    counts: dict[str, int],
+):
     @dlt.resource(
         name=source.raw_table,
         primary_key=source.primary_key,
@@ -81,6 +152,11 @@ def _resource(source: SourceTable, reader: TableReader, progress: Progress | Non
         for table in reader.read(source.columns, source.cursor, cursor.start_value):
             if progress:
                 progress(source.raw_table, reader.stats.rows)
+            table, rejects = validate(table, source, batch_size)
+            if rejects:
+                counts[source.raw_table] = counts.get(source.raw_table, 0) + len(rejects)
+                if reject:
+                    reject(source, rejects)
             yield table
 
     return rows()
@@ -94,6 +170,7 @@ def land(
     *,
     full_refresh: bool = False,
     progress: Progress | None = None,
+    reject: Rejects | None = None,
 ) -> LandResult:
     """Read each source table past its checkpoint and merge it into the raw schema.
 
@@ -103,33 +180,62 @@ def land(
     """
     pipeline = open_pipeline(spec, settings, url)
     result = LandResult()
-    readers = {s.raw_table: TableReader(clients, settings.dataset(s.dataset), s.table) for s in spec.sources}
+    readers: dict[str, TableReader] = {}
     for source in spec.sources:
+        where = resolve(source, settings, clients)
+        if where.stand_in:
+            result.stand_ins.append(source)
+            continue
+        readers[source.raw_table] = TableReader(clients, where.dataset, where.table)
         readers[source.raw_table].schema()  # fail fast, naming the table, when it does not exist
         result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
+    read = [s for s in spec.sources if s.raw_table in readers]
     try:
+        # What run() would do, step by step: restore state from Postgres on a new machine, finish
+        # packages a killed run left (else dlt would load only them and skip extraction), then
+        # extract, normalize and load this run's rows.
+        pipeline.sync_destination()
         if pipeline.has_pending_data:
-            _count(pipeline, pipeline.run(), result)
-        resources = [_resource(s, readers[s.raw_table], progress) for s in spec.sources]
-        info = pipeline.run(resources, loader_file_format="parquet", refresh="drop_data" if full_refresh else None)
-        _count(pipeline, info, result)
+            log.warning("%s: finishing %d load package(s) left by an interrupted run",
+                        spec.name, len(pipeline.list_extracted_load_packages()) + len(pipeline.list_normalized_load_packages()))
+            pipeline.normalize()
+            _load(pipeline, url, settings, result)
+        resources = [
+            _resource(s, readers[s.raw_table], settings.batch_size, progress, reject, result.rows_rejected)
+            for s in read
+        ]
+        if resources:
+            pipeline.extract(resources, loader_file_format="parquet", refresh="drop_data" if full_refresh else None)
+            normalized = pipeline.normalize()
+            for table, count in normalized.row_counts.items():
+                if not table.startswith("_dlt"):
+                    result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
+            _load(pipeline, url, settings, result)
     except PipelineStepFailed as exc:
         raise _classify(spec, exc) from exc
-    for source in spec.sources:
+    for source in read:
         result.rows_read[source.raw_table] = readers[source.raw_table].stats.rows
         result.bytes_read += readers[source.raw_table].stats.bytes
         result.checkpoint_after[source.raw_table] = _checkpoint(pipeline, source)
     return result
 
 
-def _count(pipeline: dlt.Pipeline, info: LoadInfo, result: LandResult) -> None:
+#: Datasets whose dlt system tables this process has seen created. The first load into a new
+#: dataset creates them; two pipelines doing that at once collide on CREATE TABLE, so first loads
+#: take turns and later ones run in parallel.
+_READY: set[str] = set()
+_FIRST_LOAD = threading.Lock()
+
+
+def _load(pipeline: dlt.Pipeline, url: str, settings: Settings, result: LandResult) -> None:
+    key = f"{Endpoint.parse(url)}|{settings.raw_schema}"
+    if key in _READY:
+        info = pipeline.load()
+    else:
+        with _FIRST_LOAD:
+            info = pipeline.load()
+            _READY.add(key)
     result.load_ids.extend(info.loads_ids)
-    normalized = pipeline.last_trace.last_normalize_info if pipeline.last_trace else None
-    if normalized is None:
-        return
-    for table, count in normalized.row_counts.items():
-        if not table.startswith("_dlt"):
-            result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
 
 
 def _classify(spec: AssetSpec, exc: PipelineStepFailed) -> SyncError:
@@ -146,4 +252,3 @@ def _classify(spec: AssetSpec, exc: PipelineStepFailed) -> SyncError:
     return TransientError(text) if transient else PermanentError(text)
 
 
-__all__ = ["LandResult", "land", "open_pipeline", "pipeline_name", "SourceTableMissing"]

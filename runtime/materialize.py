@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
 from assets.errors import SyncError
-from assets.spec import AssetSpec
+from assets.spec import AssetSpec, SourceTable
 from graph import AssetGraph
 from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook
@@ -16,8 +17,17 @@ from runtime.bigquery import BigQueryClients
 from runtime.build import build_asset
 from runtime.load import Progress, land
 from runtime.retry import with_retries
-from runtime.postgres import Catalog, record_sync_status, secure_raw_table
+from runtime.postgres import (
+    Catalog,
+    create_stand_in,
+    record_dead_letters,
+    record_sync_status,
+    secure_raw_table,
+)
 from runtime.settings import Settings
+
+
+log = logging.getLogger("gong_sync.materialize")
 
 
 @dataclass
@@ -49,8 +59,10 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
             landed = with_retries(ctx.settings, f"{spec.name}: land", lambda: land(
                 spec, ctx.settings, ctx.clients, ctx.url,
                 full_refresh=spec.name in ctx.full_refresh, progress=ctx.progress,
+                reject=lambda source, rows: _dead_letters(ctx, spec, source, rows),
             ))
         outcome.rows_read = sum(landed.rows_read.values())
+        outcome.rows_dead_lettered = sum(landed.rows_rejected.values())
         outcome.rows_loaded = sum(landed.rows_loaded.values())
         outcome.bytes_read = landed.bytes_read
         outcome.checkpoint_before = landed.checkpoint_before
@@ -58,7 +70,10 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.step = "build"
         with ctx.hooks.step(ctx.run, spec.name, "build"), ctx.pool.connection() as conn:
             for source in spec.sources:
-                secure_raw_table(conn, ctx.catalog, source.raw_table, source.primary_key)
+                if source in landed.stand_ins:
+                    create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
+                else:
+                    secure_raw_table(conn, ctx.catalog, source.raw_table, source.primary_key)
             built = build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh)
         outcome.rows_written = built.upserted
         outcome.rows_deleted = built.deleted
@@ -76,6 +91,12 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     if error is not None:
         raise error
     return outcome
+
+
+def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:
+    log.warning("%s: %d row(s) of %s failed validation and went to dead_letters", spec.name, len(rows), source.table)
+    with ctx.pool.connection() as conn:
+        record_dead_letters(conn, ctx.catalog, spec.name, source.table, ctx.run.run_id, rows)
 
 
 def _record_status(ctx: RunContext, outcome: AssetOutcome) -> None:

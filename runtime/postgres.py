@@ -12,7 +12,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from assets.errors import CredentialError, TransientError
-from assets.spec import AssetSpec
+from assets.spec import AssetSpec, Column
 from runtime.settings import Settings
 
 
@@ -97,6 +97,46 @@ class Catalog:
     def sync_status(self) -> sql.Composed:
         return self.dest_table("sync_status")
 
+    @property
+    def dead_letters(self) -> sql.Composed:
+        return self.dest_table("dead_letters")
+
+
+#: Lenient casts the build SQL uses: NULL instead of an error for a value that does not parse.
+#: Text is checked against a strict pattern first: Postgres itself would accept 'yesterday' or
+#: 'NaN', which are not dates or amounts anyone wants in the application.
+_TRY_CASTS = r"""
+CREATE OR REPLACE FUNCTION {raw}.gs_try_timestamptz(value text) RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  IF value !~ '^\s*\d{{4}}-\d{{2}}-\d{{2}}([ T]\d{{2}}:\d{{2}}(:\d{{2}}(\.\d{{1,6}})?)?)?\s*(Z|UTC|[+-]\d{{2}}(:?\d{{2}})?)?\s*$' THEN
+    RETURN NULL;
+  END IF;
+  RETURN value::timestamptz;
+EXCEPTION WHEN others THEN RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION {raw}.gs_try_date(value text) RETURNS date
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF value !~ '^\s*\d{{4}}-\d{{2}}-\d{{2}}\s*$' THEN RETURN NULL; END IF;
+  RETURN value::date;
+EXCEPTION WHEN others THEN RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION {raw}.gs_try_numeric(value text) RETURNS numeric
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF value !~ '^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$' THEN RETURN NULL; END IF;
+  RETURN value::numeric;
+EXCEPTION WHEN others THEN RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION {raw}.gs_try_jsonb(value text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  RETURN value::jsonb;
+EXCEPTION WHEN others THEN RETURN NULL;
+END $$;
+"""
+
 
 def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[AssetSpec]) -> None:
     """Create schemas, bookkeeping tables and the selected destination tables, before any run.
@@ -120,8 +160,45 @@ def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[
                 " finished_at timestamptz NOT NULL DEFAULT now())"
             ).format(catalog.sync_status)
         )
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, asset text NOT NULL,"
+                " source_table text NOT NULL, row_key text NOT NULL, primary_key jsonb, row jsonb NOT NULL,"
+                " errors jsonb NOT NULL, run_id text, created_at timestamptz NOT NULL DEFAULT now(),"
+                " UNIQUE (asset, source_table, row_key))"
+            ).format(catalog.dead_letters)
+        )
+        # Another session may be replacing the functions at this moment; one at a time.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.try_casts'))")
+        conn.execute(sql.SQL(_TRY_CASTS).format(raw=catalog.raw))
         for spec in specs:
             create_destination_table(conn, catalog, spec)
+
+
+def create_stand_in(conn: psycopg.Connection, catalog: Catalog, table: str, cols: Iterable[Column]) -> None:
+    """An empty raw table for a source whose dataset this warehouse does not have."""
+    defs = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in cols]
+    defs.append(sql.SQL("_dlt_load_id text NOT NULL"))
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(catalog.raw_table(table), sql.SQL(", ").join(defs)))
+
+
+def record_dead_letters(
+    conn: psycopg.Connection, catalog: Catalog, asset: str, source_table: str, run_id: str,
+    rejects: Iterable[tuple[str, dict | None, dict, list]],
+) -> None:
+    """Store rejected rows once each (keyed by primary key, or the whole row when it has none)."""
+    conn.cursor().executemany(
+        sql.SQL(
+            "INSERT INTO {} (asset, source_table, row_key, primary_key, row, errors, run_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (asset, source_table, row_key)"
+            " DO UPDATE SET row = EXCLUDED.row, errors = EXCLUDED.errors, run_id = EXCLUDED.run_id, created_at = now()"
+        ).format(catalog.dead_letters),
+        [
+            (asset, source_table, key, json.dumps(pk, default=str) if pk else None,
+             json.dumps(row, default=str), json.dumps(errors, default=str), run_id)
+            for key, pk, row, errors in rejects
+        ],
+    )
 
 
 def create_destination_table(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec) -> None:

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     bigquery_project: str = "prefect-data-warehouse"
     gong_dataset: str = "gongio_ft"
     salesforce_dataset: str = "salesforce"
+    #: The email tables are not in every account's Gong ERD: their names are settings.
+    email_table: str = "email"
+    email_sender_table: str = "email_sender"
+    email_recipient_table: str = "email_recipient"
     bigquery_location: str | None = None
     #: REST endpoint of a BigQuery emulator (`http://host:port`); anonymous credentials when set.
     bigquery_emulator_host: str | None = None
@@ -63,11 +67,11 @@ class Settings(BaseSettings):
             raise ValueError("must be a plain Postgres identifier (letters, digits, underscore; at most 63)")
         return value
 
-    @field_validator("gong_dataset", "salesforce_dataset")
+    @field_validator("gong_dataset", "salesforce_dataset", "email_table", "email_sender_table", "email_recipient_table")
     @classmethod
     def _bq_name(cls, value: str) -> str:
         if not BQ_NAME.match(value):
-            raise ValueError("must be a BigQuery dataset name (letters, digits, underscore)")
+            raise ValueError("must be a BigQuery dataset or table name (letters, digits, underscore)")
         return value
 
     @field_validator("bigquery_project")

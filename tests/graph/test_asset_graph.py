@@ -35,30 +35,41 @@ def diamond() -> AssetGraph:
 
 def test_real_graph_levels() -> None:
     graph = AssetGraph(ALL_ASSETS)
-    assert graph.levels() == [["calls", "users"], ["speakers", "transcripts"]]
-    assert graph.level_of("users") == graph.level_of("calls") == 0
+    assert graph.levels() == [
+        ["calls", "opportunities", "users"],
+        ["call_opportunities", "emails", "speakers", "transcripts"],
+    ]
+    assert graph.level_of("users") == graph.level_of("calls") == graph.level_of("opportunities") == 0
     assert graph.level_of("transcripts") == graph.level_of("speakers") == 1
+    assert graph.level_of("emails") == graph.level_of("call_opportunities") == 1
 
 
 def test_real_graph_order_and_edges() -> None:
     graph = AssetGraph(ALL_ASSETS)
-    assert graph.names == ("calls", "users", "speakers", "transcripts")
+    assert graph.names == (
+        "calls", "opportunities", "users", "call_opportunities", "emails", "speakers", "transcripts",
+    )
     assert graph.upstream("speakers") == ("users", "calls")
     assert graph.upstream("transcripts") == ("calls",)
+    assert graph.upstream("call_opportunities") == ("calls", "opportunities")
     assert graph.ancestors("speakers") == {"users", "calls"}
-    assert graph.descendants("calls") == {"transcripts", "speakers"}
+    assert graph.descendants("calls") == {"transcripts", "speakers", "call_opportunities"}
     assert graph.descendants("users") == {"speakers"}
+    assert graph.descendants("opportunities") == {"emails", "call_opportunities"}
 
 
 def test_real_graph_describe_rows() -> None:
     rows = AssetGraph(ALL_ASSETS).describe()
     assert [tuple(row) for row in rows] == [
         ("calls", (), 0),
+        ("opportunities", (), 0),
         ("users", (), 0),
+        ("call_opportunities", ("calls", "opportunities"), 1),
+        ("emails", ("opportunities",), 1),
         ("speakers", ("users", "calls"), 1),
         ("transcripts", ("calls",), 1),
     ]
-    assert rows[2].name == "speakers" and rows[2].upstream == ("users", "calls") and rows[2].level == 1
+    assert rows[5].name == "speakers" and rows[5].upstream == ("users", "calls") and rows[5].level == 1
 
 
 def test_default_graph_is_built_once_from_all_assets() -> None:

@@ -47,13 +47,15 @@ def select(graph: AssetGraph, text: str | list[str]) -> frozenset[str]:
     [
         ("speakers", {"speakers"}),
         ("+speakers", {"speakers", "users", "calls"}),
-        ("calls+", {"calls", "transcripts", "speakers"}),
+        ("calls+", {"calls", "transcripts", "speakers", "call_opportunities"}),
+        ("+emails", {"emails", "opportunities"}),
         ("users+", {"users", "speakers"}),
         ("+transcripts+", {"calls", "transcripts"}),
         ("+users+", {"users", "speakers"}),
-        ("*", {"users", "calls", "transcripts", "speakers"}),
+        ("*", {"users", "calls", "transcripts", "speakers", "opportunities", "emails", "call_opportunities"}),
         ("users,calls", {"users", "calls"}),
-        ("tag:gong", {"users", "calls", "transcripts", "speakers"}),
+        ("tag:gong", {"users", "calls", "transcripts", "speakers", "emails", "call_opportunities"}),
+        ("tag:salesforce", {"opportunities", "call_opportunities"}),
         ("transcripts, +speakers", {"transcripts", "speakers", "users", "calls"}),
     ],
 )
@@ -135,8 +137,11 @@ def test_unknown_name_with_plus_suggests_too(real: AssetGraph) -> None:
 
 def test_unknown_name_without_a_close_match_lists_the_assets(real: AssetGraph) -> None:
     with pytest.raises(SelectionError) as error:
-        select(real, "opportunities")
-    assert str(error.value) == "unknown asset 'opportunities'; known assets: calls, speakers, transcripts, users"
+        select(real, "zzz")
+    assert str(error.value) == (
+        "unknown asset 'zzz'; known assets: call_opportunities, calls, emails, opportunities, speakers, "
+        "transcripts, users"
+    )
 
 
 def test_unknown_tag_lists_the_known_tags(tagged: AssetGraph) -> None:
@@ -146,8 +151,8 @@ def test_unknown_tag_lists_the_known_tags(tagged: AssetGraph) -> None:
 
 
 def test_unknown_tag_on_the_real_graph(real: AssetGraph) -> None:
-    with pytest.raises(SelectionError, match="unknown tag 'salesforce'; known tags: gong"):
-        select(real, "tag:salesforce")
+    with pytest.raises(SelectionError, match="unknown tag 'hubspot'; known tags: gong, salesforce"):
+        select(real, "tag:hubspot")
 
 
 @pytest.mark.parametrize("text", ["", ",", " , ", [], [""], ["", " "]])
