@@ -12,6 +12,8 @@ from tests.helpers import outcome, sync
 
 LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
 GONG_TABLES = ["gong.users", "gong.call", "gong.transcript", "gong.call_speaker"]
+#: The core assets, whose source tables GONG_TABLES seeds.
+CORE = "users,calls,transcripts,speakers"
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def assert_in_step(env) -> None:
 
 
 def test_first_run_loads_every_live_row_of_every_asset(seeded):
-    report = sync()
+    report = sync(CORE)
     assert report.status == "success", [o.error for o in report.outcomes]
     assert {o.asset for o in report.outcomes} == {"users", "calls", "transcripts", "speakers"}
     assert_in_step(seeded)
@@ -85,7 +87,7 @@ def test_first_run_loads_every_live_row_of_every_asset(seeded):
 
 
 def test_destination_tables_have_real_primary_keys(seeded):
-    sync()
+    sync(CORE)
     keys = dict(seeded.rows("""
         SELECT c.conrelid::regclass::text, pg_get_constraintdef(c.oid) FROM pg_constraint c
         WHERE c.contype = 'p' AND c.connamespace = 'public'::regnamespace"""))
@@ -100,9 +102,9 @@ def test_destination_tables_have_real_primary_keys(seeded):
 
 
 def test_a_run_with_nothing_new_loads_nothing_and_rewrites_nothing(seeded):
-    sync()
+    sync(CORE)
     before = seeded.rows("SELECT xmin::text, id FROM calls ORDER BY id, workspace_id")
-    report = sync()
+    report = sync(CORE)
     assert report.status == "success"
     for o in report.outcomes:
         assert (o.rows_loaded, o.rows_written, o.rows_deleted) == (0, 0, 0), o
@@ -110,7 +112,7 @@ def test_a_run_with_nothing_new_loads_nothing_and_rewrites_nothing(seeded):
 
 
 def test_incremental_run_applies_inserts_updates_deletes_and_equal_timestamp_rows(seeded):
-    first = sync()
+    first = sync(CORE)
     checkpoint = outcome(first, "calls").checkpoint_after["gong__call"]
     cp = dt.datetime.fromisoformat(checkpoint)
     bq = seeded.bq
@@ -127,7 +129,7 @@ def test_incremental_run_applies_inserts_updates_deletes_and_equal_timestamp_row
     user_id = seeded.rows("SELECT user_id FROM speakers GROUP BY user_id HAVING count(*) > 1 AND user_id IS NOT NULL LIMIT 1")[0][0]
     update_rows(bq, seeded.gong("users"), {"id": user_id}, {"email_address": "moved@example.org"}, LATER)
 
-    report = sync()
+    report = sync(CORE)
     assert report.status == "success"
     assert outcome(report, "calls").rows_loaded == 3
     assert outcome(report, "users").rows_loaded == 1
@@ -141,7 +143,7 @@ def test_incremental_run_applies_inserts_updates_deletes_and_equal_timestamp_row
 
 
 def test_selecting_speakers_touches_only_speakers(seeded):
-    sync()
+    sync(CORE)
     update_rows(seeded.bq, seeded.gong("call"), {"id": CASES.shared_call_id}, {"title": "Not yet"}, LATER)
     speaker = seeded.rows("SELECT id, call_id FROM speakers ORDER BY id LIMIT 1")[0]
     update_rows(seeded.bq, seeded.gong("call_speaker"), {"id": speaker[0], "call_id": speaker[1]}, {"talk_time": 4242.5}, LATER)
@@ -164,7 +166,7 @@ def test_upstream_selection_runs_dependencies_first(seeded):
 
 def test_a_failed_asset_skips_its_downstream_but_not_its_siblings(seeded):
     seeded.bq.delete_table(seeded.gong("users"))
-    report = sync()
+    report = sync(CORE)
     assert report.status == "failed"
     users = outcome(report, "users")
     assert users.status == "failed"
@@ -178,7 +180,7 @@ def test_a_failed_asset_skips_its_downstream_but_not_its_siblings(seeded):
 
 
 def test_full_refresh_forgets_the_checkpoint_and_reloads(seeded):
-    sync()
+    sync(CORE)
     total = seeded.rows("SELECT count(*) FROM gong_raw.gong__call")[0][0]
     # A row removed from the destination by hand comes back only with a full refresh.
     seeded.rows("DELETE FROM calls WHERE id = %s RETURNING 1", (CASES.shared_call_id,))
