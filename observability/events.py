@@ -27,6 +27,7 @@ class AssetOutcome:
     rows_written: int = 0
     rows_deleted: int = 0
     rows_dead_lettered: int = 0
+    schema_changes: int = 0
     bytes_read: int = 0
     duration_s: float = 0.0
     checkpoint_before: dict[str, str | None] = field(default_factory=dict)

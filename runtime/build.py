@@ -101,8 +101,11 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
                 since = previous[0]
                 params.update({t: Decimal(since.get(t, "0")) for t in spec.build.inputs})
                 changed = sql.SQL(spec.build.changed_keys).format(**fmt)
+                # Name the key columns as the destination does, whatever the declaration called them.
                 conn.execute(
-                    sql.SQL("CREATE TEMP TABLE _build_changed ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) k").format(changed),
+                    sql.SQL("CREATE TEMP TABLE _build_changed ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) k ({})").format(
+                        changed, _keys(spec)
+                    ),
                     params,
                 )
                 conn.execute(

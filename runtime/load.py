@@ -22,6 +22,7 @@ from assets.errors import PermanentError, SourceTableMissing, SyncError, Transie
 from assets.spec import AssetSpec, SourceTable
 from runtime.bigquery import BigQueryClients, TableReader, dataset_exists
 from runtime.postgres import Endpoint
+from runtime.schema import SourcePlan
 from runtime.settings import Settings
 
 # Builds find the rows each load brought by `_dlt_load_id`; dlt leaves it off Arrow rows unless
@@ -31,6 +32,8 @@ os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 
 #: Called with (raw table, rows read so far) while a table is being read.
 Progress = Callable[[str, int], None]
+#: Called with (source, its BigQuery columns) before reading; returns how to land them.
+Evolve = Callable[[SourceTable, list], "SourcePlan"]
 #: Called with (source, rejected rows) for rows that fail the source's row model; each rejected
 #: row is (row key, primary key or None, the row, the validation errors).
 Rejects = Callable[[SourceTable, list[tuple[str, dict | None, dict, list]]], None]
@@ -137,13 +140,15 @@ def _checkpoint(pipeline: dlt.Pipeline, source: SourceTable) -> str | None:
 
 
 def _resource(
-    source: SourceTable, reader: TableReader, batch_size: int, progress: Progress | None, reject: Rejects | None,
-    counts: dict[str, int],
+    source: SourceTable, reader: TableReader, plan: SourcePlan, batch_size: int, progress: Progress | None,
+    reject: Rejects | None, counts: dict[str, int],
 ):
     @dlt.resource(
         name=source.raw_table,
         primary_key=source.primary_key,
         write_disposition={"disposition": "merge", "strategy": "delete-insert"},
+        # Types come from BigQuery's schema (runtime/schema.py), not from whatever Arrow a batch has.
+        columns=plan.hints,
     )
     def rows(
         cursor=dlt.sources.incremental(source.cursor, initial_value=None, range_start="closed"),  # noqa: B008
@@ -152,7 +157,7 @@ def _resource(
         for table in reader.read(source.columns, source.cursor, cursor.start_value):
             if progress:
                 progress(source.raw_table, reader.stats.rows)
-            table, rejects = validate(table, source, batch_size)
+            table, rejects = validate(plan.adapt(table), source, batch_size)
             if rejects:
                 counts[source.raw_table] = counts.get(source.raw_table, 0) + len(rejects)
                 if reject:
@@ -171,6 +176,7 @@ def land(
     full_refresh: bool = False,
     progress: Progress | None = None,
     reject: Rejects | None = None,
+    evolve: Evolve | None = None,
 ) -> LandResult:
     """Read each source table past its checkpoint and merge it into the raw schema.
 
@@ -181,13 +187,17 @@ def land(
     pipeline = open_pipeline(spec, settings, url)
     result = LandResult()
     readers: dict[str, TableReader] = {}
+    plans: dict[str, SourcePlan] = {}
     for source in spec.sources:
         where = resolve(source, settings, clients)
         if where.stand_in:
             result.stand_ins.append(source)
             continue
         readers[source.raw_table] = TableReader(clients, where.dataset, where.table)
-        readers[source.raw_table].schema()  # fail fast, naming the table, when it does not exist
+        fields = readers[source.raw_table].schema()  # fails naming the table when it does not exist
+        if source.columns is not None:
+            fields = [f for f in fields if f.name in source.columns]
+        plans[source.raw_table] = evolve(source, fields) if evolve else SourcePlan()
         result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
     read = [s for s in spec.sources if s.raw_table in readers]
     try:
@@ -201,7 +211,8 @@ def land(
             pipeline.normalize()
             _load(pipeline, url, settings, result)
         resources = [
-            _resource(s, readers[s.raw_table], settings.batch_size, progress, reject, result.rows_rejected)
+            _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
+                      result.rows_rejected)
             for s in read
         ]
         if resources:

@@ -17,6 +17,7 @@ from runtime.bigquery import BigQueryClients
 from runtime.build import build_asset
 from runtime.load import Progress, land
 from runtime.retry import with_retries
+from runtime.schema import SourcePlan, plan_source, record_changes
 from runtime.postgres import (
     Catalog,
     create_stand_in,
@@ -60,6 +61,7 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
                 spec, ctx.settings, ctx.clients, ctx.url,
                 full_refresh=spec.name in ctx.full_refresh, progress=ctx.progress,
                 reject=lambda source, rows: _dead_letters(ctx, spec, source, rows),
+                evolve=lambda source, fields: _evolve(ctx, spec, source, fields, outcome),
             ))
         outcome.rows_read = sum(landed.rows_read.values())
         outcome.rows_dead_lettered = sum(landed.rows_rejected.values())
@@ -91,6 +93,14 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     if error is not None:
         raise error
     return outcome
+
+
+def _evolve(ctx: RunContext, spec: AssetSpec, source: SourceTable, fields: list, outcome: AssetOutcome) -> SourcePlan:
+    """Follow the source's schema: migrate widened columns, plan the rest, record every change."""
+    with ctx.pool.connection() as conn:
+        plan = plan_source(conn, ctx.catalog, spec.name, source.raw_table, fields)
+        outcome.schema_changes += record_changes(conn, ctx.catalog, spec.name, source.raw_table, plan.changes)
+    return plan
 
 
 def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:

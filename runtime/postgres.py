@@ -101,6 +101,10 @@ class Catalog:
     def dead_letters(self) -> sql.Composed:
         return self.dest_table("dead_letters")
 
+    @property
+    def schema_changes(self) -> sql.Composed:
+        return self.dest_table("schema_changes")
+
 
 #: Lenient casts the build SQL uses: NULL instead of an error for a value that does not parse.
 #: Text is checked against a strict pattern first: Postgres itself would accept 'yesterday' or
@@ -167,6 +171,14 @@ def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[
                 " errors jsonb NOT NULL, run_id text, created_at timestamptz NOT NULL DEFAULT now(),"
                 " UNIQUE (asset, source_table, row_key))"
             ).format(catalog.dead_letters)
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, asset text NOT NULL, table_name text NOT NULL,"
+                " column_name text NOT NULL, change text NOT NULL, old_type text NOT NULL, new_type text NOT NULL,"
+                " action text NOT NULL, at timestamptz NOT NULL DEFAULT now(),"
+                " UNIQUE (asset, table_name, column_name, change, old_type, new_type))"
+            ).format(catalog.schema_changes)
         )
         # Another session may be replacing the functions at this moment; one at a time.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.try_casts'))")

@@ -1,0 +1,229 @@
+"""Schema evolution of the raw tables: BigQuery types, their Postgres homes, and what to do on change.
+
+The one mapping from BigQuery types to Postgres types lives here (`TYPES`). Before each read the
+source's current BigQuery schema is compared with the raw table in Postgres:
+- a new column is typed from its BigQuery type and added by dlt (history stays NULL);
+- a type change Postgres can hold every value of (INT64 → NUMERIC or FLOAT64, DATE → TIMESTAMP,
+  any → STRING, NUMERIC → BIGNUMERIC) is applied in place with ALTER COLUMN … USING, in one
+  transaction, to the raw table and dlt's staging copy, before loading;
+- any other change alters nothing: values are cast back to the old type when that loses nothing
+  (STRING → INT64 keeps text, TIMESTAMP → DATE keeps timestamps), else they land in a new
+  `<column>__v_<kind>` column; either way a warning names table, column and both types;
+- a removed column stays, with its values; new rows have NULL there.
+Every change seen or made is recorded once in `schema_changes`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+import pyarrow as pa
+from google.cloud.bigquery import SchemaField
+from psycopg import sql
+
+from runtime.postgres import Catalog
+
+log = logging.getLogger("gong_sync.schema")
+
+
+@dataclass(frozen=True)
+class PgType:
+    """Where a BigQuery type lands: the Postgres type, dlt's column hint, and the Arrow type."""
+
+    kind: str
+    ddl: str
+    hint: dict
+    arrow: pa.DataType | None
+
+
+_TS_HINT = {"data_type": "timestamp", "precision": 6, "timezone": True}
+
+#: BigQuery type → Postgres type of the raw tables. JSON keeps its exact text in the raw table
+#: (the destination tables cast it to jsonb); ARRAY and STRUCT land as jsonb; GEOGRAPHY as the
+#: bytes the Storage API sends (WKB from the emulator, WKT text from BigQuery: both kept as they come).
+TYPES: dict[str, PgType] = {
+    "STRING": PgType("text", "varchar", {"data_type": "text"}, pa.string()),
+    "JSON": PgType("text", "varchar", {"data_type": "text"}, pa.string()),
+    "INT64": PgType("bigint", "bigint", {"data_type": "bigint"}, pa.int64()),
+    "FLOAT64": PgType("double", "double precision", {"data_type": "double"}, pa.float64()),
+    "NUMERIC": PgType("numeric", "numeric(38,9)", {"data_type": "decimal", "precision": 38, "scale": 9},
+                      pa.decimal128(38, 9)),
+    "BIGNUMERIC": PgType("bignumeric", "numeric(76,38)", {"data_type": "decimal", "precision": 76, "scale": 38},
+                         pa.decimal256(76, 38)),
+    "BOOL": PgType("boolean", "boolean", {"data_type": "bool"}, pa.bool_()),
+    "TIMESTAMP": PgType("timestamptz", "timestamp with time zone", _TS_HINT, pa.timestamp("us", tz="UTC")),
+    "DATE": PgType("date", "date", {"data_type": "date"}, pa.date32()),
+    "DATETIME": PgType("timestamp", "timestamp without time zone",
+                       {"data_type": "timestamp", "precision": 6, "timezone": False}, pa.timestamp("us")),
+    "TIME": PgType("time", "time without time zone", {"data_type": "time", "precision": 6}, pa.time64("us")),
+    "BYTES": PgType("bytea", "bytea", {"data_type": "binary"}, pa.binary()),
+    "GEOGRAPHY": PgType("geography", "bytea", {"data_type": "binary"}, None),
+    "ARRAY": PgType("json", "jsonb", {"data_type": "json"}, None),
+    "STRUCT": PgType("json", "jsonb", {"data_type": "json"}, None),
+}
+_ALIASES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "RECORD": "STRUCT", "BIGDECIMAL": "BIGNUMERIC",
+            "DECIMAL": "NUMERIC"}
+
+#: Postgres column types (information_schema) → kind, to compare with what BigQuery now says.
+_PG_KINDS = {
+    "character varying": "text", "text": "text", "bigint": "bigint", "integer": "bigint",
+    "double precision": "double", "boolean": "boolean", "timestamp with time zone": "timestamptz",
+    "timestamp without time zone": "timestamp", "date": "date", "time without time zone": "time",
+    "bytea": "bytea", "jsonb": "json", "json": "json",
+}
+
+#: old kind → new kinds Postgres can migrate to in place without losing a value.
+WIDENINGS: dict[str, set[str]] = {
+    "bigint": {"numeric", "bignumeric", "double"},
+    "numeric": {"bignumeric"},
+    "date": {"timestamptz", "timestamp"},
+    "timestamp": {"timestamptz"},
+}
+
+
+def bq_type(f: SchemaField) -> PgType:
+    name = "ARRAY" if f.mode == "REPEATED" else _ALIASES.get(f.field_type, f.field_type)
+    return TYPES.get(name, TYPES["STRING"])
+
+
+def pg_kind(data_type: str, precision: int | None, scale: int | None) -> str:
+    if data_type == "numeric":
+        return "numeric" if (precision, scale) == (38, 9) else "bignumeric"
+    return _PG_KINDS.get(data_type, data_type)
+
+
+def widens(old: str, new: str) -> bool:
+    return new != old and (new == "text" or new in WIDENINGS.get(old, set()))
+
+
+@dataclass
+class Change:
+    column: str
+    change: str  # added | type_changed | removed
+    old_type: str | None
+    new_type: str | None
+    action: str  # added | altered | kept_old_type | variant_column | kept_values
+
+
+@dataclass
+class SourcePlan:
+    """What landing one source table must do this run: dlt hints and per-batch Arrow fixes."""
+
+    hints: dict[str, dict] = field(default_factory=dict)
+    casts: dict[str, pa.DataType] = field(default_factory=dict)
+    renames: dict[str, str] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+
+    def adapt(self, table: pa.Table) -> pa.Table:
+        """Cast columns to their landing type and move incompatible ones to a variant column."""
+        if not self.renames and all(
+            table.schema.field(n).type == t for n, t in self.casts.items() if n in table.column_names
+        ):
+            return table
+        columns, names = [], []
+        for name, column in zip(table.column_names, table.columns):
+            if name in self.casts and column.type != self.casts[name]:
+                column = column.cast(self.casts[name])
+            columns.append(column)
+            names.append(self.renames.get(name, name))
+        return pa.Table.from_arrays(columns, names=names)
+
+
+def raw_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = %s",
+        (schema, table),
+    ).fetchall()
+    return {name: pg_kind(dt, p, s) for name, dt, p, s in rows}
+
+
+def _kind_type(kind: str) -> PgType:
+    return next(t for t in TYPES.values() if t.kind == kind)
+
+
+def plan_source(
+    conn: psycopg.Connection, catalog: Catalog, asset: str, raw_table: str, fields: list[SchemaField]
+) -> SourcePlan:
+    """Compare BigQuery's schema with the raw table, migrate what widens, and plan the rest."""
+    plan = SourcePlan()
+    existing = raw_columns(conn, catalog.raw_name, raw_table)
+    alters: list[tuple[str, PgType]] = []
+    for f in fields:
+        new = bq_type(f)
+        old = existing.get(f.name)
+        plan.hints[f.name] = dict(new.hint)
+        if new.arrow is not None:
+            # Storage reads can hand narrower Arrow types (int32 for INT64); land the mapped one.
+            plan.casts[f.name] = new.arrow
+        if not existing:
+            continue
+        if old is None:
+            plan.changes.append(Change(f.name, "added", None, f.field_type, "added"))
+        elif old == new.kind:
+            pass
+        elif widens(old, new.kind):
+            alters.append((f.name, new))
+            plan.changes.append(Change(f.name, "type_changed", old, new.kind, "altered"))
+        else:
+            kept = _kind_type(old)
+            if kept.arrow is not None and widens(new.kind, old):
+                plan.hints[f.name] = dict(kept.hint)
+                plan.casts[f.name] = kept.arrow
+                action = "kept_old_type"
+            else:
+                variant = f"{f.name}__v_{new.kind}"[:63]
+                plan.renames[f.name] = variant
+                plan.casts.pop(f.name, None)
+                plan.hints[variant] = plan.hints.pop(f.name)
+                action = "variant_column"
+            plan.changes.append(Change(f.name, "type_changed", old, new.kind, action))
+    source_names = {f.name for f in fields}
+    for name in existing:
+        if name not in source_names and not name.startswith("_dlt") and "__v_" not in name:
+            plan.changes.append(Change(name, "removed", existing[name], None, "kept_values"))
+    if alters:
+        _alter(conn, catalog, raw_table, alters)
+    return plan
+
+
+def _alter(conn: psycopg.Connection, catalog: Catalog, raw_table: str, alters: list[tuple[str, PgType]]) -> None:
+    """Migrate columns in place, in the raw table and dlt's staging copy, in one transaction."""
+    staging = f"{catalog.raw_name}_staging"
+    with conn.transaction():
+        for schema in (catalog.raw_name, staging):
+            if not conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}"."{raw_table}"',)).fetchone()[0]:
+                continue
+            for column, new in alters:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {}.{} ALTER COLUMN {} TYPE {} USING {}::{}").format(
+                        sql.Identifier(schema), sql.Identifier(raw_table), sql.Identifier(column),
+                        sql.SQL(new.ddl), sql.Identifier(column), sql.SQL(new.ddl),
+                    )
+                )
+
+
+def record_changes(
+    conn: psycopg.Connection, catalog: Catalog, asset: str, raw_table: str, changes: list[Change],
+    warn: Callable[[str], None] = log.warning,
+) -> int:
+    """Write each change once; log the first sighting. Returns how many were new."""
+    new = 0
+    for c in changes:
+        row = conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (asset, table_name, column_name, change, old_type, new_type, action)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1"
+            ).format(catalog.schema_changes),
+            (asset, raw_table, c.column, c.change, c.old_type or "", c.new_type or "", c.action),
+        ).fetchone()
+        if row:
+            new += 1
+            warn(
+                f"{asset}: {catalog.raw_name}.{raw_table}.{c.column}: {c.change.replace('_', ' ')}"
+                f"{f' from {c.old_type}' if c.old_type else ''}{f' to {c.new_type}' if c.new_type else ''}; {c.action.replace('_', ' ')}"
+            )
+    return new
