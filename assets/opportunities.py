@@ -18,8 +18,11 @@ class OpportunityRow(BaseModel):
 
 _SF_DELETED = ("_fivetran_deleted", "is_deleted")
 
+# The cursor is `_fivetran_synced`, not `last_modified_date`: Fivetran bumps it for every row it
+# writes, so it moves with every modification too, and a soft delete (`_fivetran_deleted`) moves
+# only it — on `last_modified_date` a deleted opportunity would never be read again.
 OPPORTUNITY = SourceTable(
-    dataset="salesforce", table="opportunity", primary_key=("id",), cursor="last_modified_date",
+    dataset="salesforce", table="opportunity", primary_key=("id",),
     deleted_flags=_SF_DELETED, fallback_dataset="gong", row_model=OpportunityRow,
 )
 ACCOUNT = SourceTable(
