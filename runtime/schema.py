@@ -15,6 +15,7 @@ Every change seen or made is recorded once in `schema_changes`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,9 +42,9 @@ class PgType:
 
 _TS_HINT = {"data_type": "timestamp", "precision": 6, "timezone": True}
 
-#: BigQuery type → Postgres type of the raw tables. JSON keeps its exact text in the raw table
-#: (the destination tables cast it to jsonb); ARRAY and STRUCT land as jsonb; GEOGRAPHY as the
-#: bytes the Storage API sends (WKB from the emulator, WKT text from BigQuery: both kept as they come).
+#: BigQuery type → Postgres type of the raw tables. JSON keeps its exact text in the raw table, and
+#: ARRAY and STRUCT land as JSON text too (the binary COPY path cannot carry nested Arrow types);
+#: destination tables cast them to jsonb. GEOGRAPHY lands as the bytes the Storage API sends.
 TYPES: dict[str, PgType] = {
     "STRING": PgType("text", "varchar", {"data_type": "text"}, pa.string()),
     "JSON": PgType("text", "varchar", {"data_type": "text"}, pa.string()),
@@ -61,8 +62,8 @@ TYPES: dict[str, PgType] = {
     "TIME": PgType("time", "time without time zone", {"data_type": "time", "precision": 6}, pa.time64("us")),
     "BYTES": PgType("bytea", "bytea", {"data_type": "binary"}, pa.binary()),
     "GEOGRAPHY": PgType("geography", "bytea", {"data_type": "binary"}, None),
-    "ARRAY": PgType("json", "jsonb", {"data_type": "json"}, None),
-    "STRUCT": PgType("json", "jsonb", {"data_type": "json"}, None),
+    "ARRAY": PgType("text", "varchar", {"data_type": "text"}, pa.string()),
+    "STRUCT": PgType("text", "varchar", {"data_type": "text"}, pa.string()),
 }
 _ALIASES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "RECORD": "STRUCT", "BIGDECIMAL": "BIGNUMERIC",
             "DECIMAL": "NUMERIC"}
@@ -84,9 +85,17 @@ WIDENINGS: dict[str, set[str]] = {
 }
 
 
+def _type_name(f: SchemaField) -> str:
+    return "ARRAY" if f.mode == "REPEATED" else _ALIASES.get(f.field_type, f.field_type)
+
+
 def bq_type(f: SchemaField) -> PgType:
-    name = "ARRAY" if f.mode == "REPEATED" else _ALIASES.get(f.field_type, f.field_type)
-    return TYPES.get(name, TYPES["STRING"])
+    return TYPES.get(_type_name(f), TYPES["STRING"])
+
+
+def _as_json_text(column: pa.ChunkedArray) -> pa.Array:
+    """Nested values (lists, structs) as JSON text: one Python value per row, only for such columns."""
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())
 
 
 def pg_kind(data_type: str, precision: int | None, scale: int | None) -> str:
@@ -115,6 +124,7 @@ class SourcePlan:
     hints: dict[str, dict] = field(default_factory=dict)
     casts: dict[str, pa.DataType] = field(default_factory=dict)
     renames: dict[str, str] = field(default_factory=dict)
+    json_columns: set[str] = field(default_factory=set)
     changes: list[Change] = field(default_factory=list)
 
     def adapt(self, table: pa.Table) -> pa.Table:
@@ -125,7 +135,9 @@ class SourcePlan:
             return table
         columns, names = [], []
         for name, column in zip(table.column_names, table.columns):
-            if name in self.casts and column.type != self.casts[name]:
+            if name in self.json_columns and column.type != pa.string():
+                column = _as_json_text(column)
+            elif name in self.casts and column.type != self.casts[name]:
                 column = column.cast(self.casts[name])
             columns.append(column)
             names.append(self.renames.get(name, name))
@@ -159,6 +171,8 @@ def plan_source(
         if new.arrow is not None:
             # Storage reads can hand narrower Arrow types (int32 for INT64); land the mapped one.
             plan.casts[f.name] = new.arrow
+        if _type_name(f) in ("ARRAY", "STRUCT"):
+            plan.json_columns.add(f.name)
         if not existing:
             continue
         if old is None:
