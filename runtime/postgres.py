@@ -107,39 +107,32 @@ class Catalog:
 
 
 #: Lenient casts the build SQL uses: NULL instead of an error for a value that does not parse.
-#: Text is checked against a strict pattern first: Postgres itself would accept 'yesterday' or
-#: 'NaN', which are not dates or amounts anyone wants in the application.
-_TRY_CASTS = r"""
-CREATE OR REPLACE FUNCTION {raw}.gs_try_timestamptz(value text) RETURNS timestamptz
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-  IF value !~ '^\s*\d{{4}}-\d{{2}}-\d{{2}}([ T]\d{{2}}:\d{{2}}(:\d{{2}}(\.\d{{1,6}})?)?)?\s*(Z|UTC|[+-]\d{{2}}(:?\d{{2}})?)?\s*$' THEN
-    RETURN NULL;
-  END IF;
-  RETURN value::timestamptz;
-EXCEPTION WHEN others THEN RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION {raw}.gs_try_date(value text) RETURNS date
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-  IF value !~ '^\s*\d{{4}}-\d{{2}}-\d{{2}}\s*$' THEN RETURN NULL; END IF;
-  RETURN value::date;
-EXCEPTION WHEN others THEN RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION {raw}.gs_try_numeric(value text) RETURNS numeric
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-  IF value !~ '^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$' THEN RETURN NULL; END IF;
-  RETURN value::numeric;
-EXCEPTION WHEN others THEN RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION {raw}.gs_try_jsonb(value text) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-  RETURN value::jsonb;
-EXCEPTION WHEN others THEN RETURN NULL;
-END $$;
-"""
+#: Text must match a strict pattern first: Postgres itself would accept 'yesterday' or 'NaN',
+#: which are not dates or amounts anyone wants in the application.
+#: function name → (result type, pattern the text must match, or None to try any text)
+_TRY_CASTS: dict[str, tuple[str, str | None]] = {
+    "gs_try_timestamptz": (
+        "timestamptz",
+        r"^\s*\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?\s*(Z|UTC|[+-]\d{2}(:?\d{2})?)?\s*$",
+    ),
+    "gs_try_date": ("date", r"^\s*\d{4}-\d{2}-\d{2}\s*$"),
+    "gs_try_numeric": ("numeric", r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"),
+    "gs_try_jsonb": ("jsonb", None),
+}
+_TRY_CAST = (
+    "CREATE OR REPLACE FUNCTION {schema}.{name}(value text) RETURNS {type} LANGUAGE plpgsql STABLE AS $$"
+    " BEGIN IF {pattern} IS NOT NULL AND value !~ {pattern} THEN RETURN NULL; END IF; RETURN value::{type};"
+    " EXCEPTION WHEN others THEN RETURN NULL; END $$"
+)
+
+
+def create_try_casts(conn: psycopg.Connection, catalog: Catalog) -> None:
+    for name, (result, pattern) in _TRY_CASTS.items():
+        conn.execute(
+            sql.SQL(_TRY_CAST).format(
+                schema=catalog.raw, name=sql.Identifier(name), type=sql.SQL(result), pattern=sql.Literal(pattern)
+            )
+        )
 
 
 def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[AssetSpec]) -> None:
@@ -182,7 +175,7 @@ def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[
         )
         # Another session may be replacing the functions at this moment; one at a time.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.try_casts'))")
-        conn.execute(sql.SQL(_TRY_CASTS).format(raw=catalog.raw))
+        create_try_casts(conn, catalog)
         for spec in specs:
             create_destination_table(conn, catalog, spec)
 
