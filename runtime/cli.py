@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from assets.errors import SyncError
+from assets.errors import SelectionError, SyncError, TransientError
 from graph import Selection, default_graph
 
 _OFFLINE = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -23,8 +23,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--asset", "-a", action="append", metavar="SELECTION",
                    help="what to materialize (repeatable; default: every asset)")
     p.add_argument("--list", action="store_true", help="print the asset graph and exit")
+    p.add_argument("--schema-changes", action="store_true",
+                   help="print every schema change the pipeline saw or made, and exit")
     p.add_argument("--full-refresh", action="store_true",
                    help="forget the selected assets' checkpoints and reload them from scratch")
+    p.add_argument("--replay-dead-letters", action="store_true",
+                   help="re-validate the selected assets' dead letters, land the rows that now pass, and exit")
     p.add_argument("--demo", action="store_true",
                    help="run against a local BigQuery emulator with a synthetic workspace and a throwaway Postgres")
     p.add_argument("--demo-dir", default=".gong-sync-demo",
@@ -64,20 +68,58 @@ def print_summary(report, out=sys.stdout) -> None:  # noqa: ANN001
             out.write(f"{o.asset}: {o.error}\n")
 
 
+def print_schema_changes(out=sys.stdout) -> int:  # noqa: ANN001
+    import psycopg
+    from psycopg import sql
+
+    from runtime.postgres import Catalog, check_connection
+    from runtime.settings import load_settings
+
+    settings = load_settings()
+    url = settings.postgres_url()
+    check_connection(url)
+    with psycopg.connect(url) as conn:
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{settings.destination_schema}".schema_changes',))
+        if not exists.fetchone()[0]:
+            out.write("no schema changes recorded yet\n")
+            return 0
+        rows = conn.execute(
+            sql.SQL("SELECT at, asset, table_name, column_name, change, old_type, new_type, action FROM {} ORDER BY id")
+            .format(Catalog(settings).schema_changes)
+        ).fetchall()
+    header = ("at", "asset", "table", "column", "change", "old", "new", "action")
+    cells = [header, *[(r[0].isoformat(timespec="seconds"), *(str(v or "-") for v in r[1:])) for r in rows]]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for row in cells:
+        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from runtime.flow import RunFailed, RunReport, sync_flow
     from runtime.session import preflight
     from runtime.settings import load_settings
 
     selection = Selection.parse(args.asset or ["*"])
     selection.resolve(default_graph())  # an unknown name fails here, before anything starts
     # Fail on a bad credential in a second, before the Prefect engine starts.
-    _, _, clients = preflight(load_settings())
-    clients.close()
+    try:
+        _, _, clients = preflight(load_settings())
+        clients.close()
+    except TransientError as exc:  # not a credential: the flow retries connecting and alerts if it gives up
+        logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
+    # Imported after the preflight: importing the flow installs tracing, and the preflight's
+    # BigQuery calls would otherwise show up as a trace of their own.
+    from observability.metrics import flush_metrics
+    from observability.tracing import flush_tracing
+    from runtime.flow import RunFailed, RunReport, sync_flow
+
     state = sync_flow(
         assets=[str(selection)], full_refresh=args.full_refresh, log_format=args.log_format,
         show_progress=sys.stderr.isatty(), return_state=True,
     )
+    # Prefect's flow-run span ends after the flow returns: send it, and the metrics, now.
+    flush_tracing()
+    flush_metrics()
     result = state.result(raise_on_failure=False)
     if isinstance(result, RunFailed):
         print_summary(result.report)
@@ -91,17 +133,48 @@ def run(args: argparse.Namespace) -> int:
     return 1
 
 
+def replay(args: argparse.Namespace) -> int:
+    """`--replay-dead-letters`: one session (the run lock held), each selected asset in graph order."""
+    from runtime.dead_letters import replay_dead_letters
+    from runtime.retry import with_retries
+    from runtime.session import RunLockHeld, open_session
+    from runtime.settings import load_settings
+
+    if not args.asset:
+        raise SelectionError("--replay-dead-letters needs --asset: say whose dead letters to replay")
+    graph = default_graph()
+    names = Selection.parse(args.asset).resolve_ordered(graph)
+    settings = load_settings()
+    try:
+        session = with_retries(settings, "connect", lambda: open_session(settings, graph.subgraph(names)))
+    except RunLockHeld as held:
+        print(held)
+        return 0
+    with session:
+        for result in replay_dead_letters(graph, names, settings, session):
+            print(result.summary())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.log_format == "json":
+        from observability.logs import use_json_lines
+
+        use_json_lines()
     # Prefect's API client logs every HTTP request at INFO: noise for an operator.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if args.schema_changes:
+            return print_schema_changes()
         if args.list:
             print_graph()
             return 0
+        if args.replay_dead_letters:
+            return replay(args)
         if args.demo:
             from runtime.demo import run_demo
 

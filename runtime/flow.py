@@ -9,26 +9,39 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.urls import url_for
 
 from assets.errors import SyncError, UpstreamFailed
 from graph import AssetGraph, Selection, default_graph
 from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook, HookSet
-from observability.logs import LoggingHook
+from observability.alerts import AlertHook
+from observability.logs import LoggingHook, trace_url, use_json_lines
+from observability.metrics import MetricsHook, setup_metrics
 from observability.tracing import TracingHook, setup_tracing
+from runtime.artifacts import RunArtifacts
 from runtime.load import Progress
 from runtime.materialize import RunContext, materialize_asset
+from runtime.run_records import SyncRunsRecorder
+from runtime.postgres import Endpoint
+from runtime.retry import with_retries
 from runtime.session import RunLockHeld, open_session
 from runtime.settings import Settings, load_settings
 
 #: Threads available to the task runner; how many assets run at once is MAX_PARALLEL.
 TASK_RUNNER_THREADS = 16
+
+# Prefect opens its flow-run span before the flow body runs: the providers must exist by then.
+# Nothing is installed unless the OTEL_* variables ask for an exporter.
+setup_tracing()
+setup_metrics()
 
 
 @dataclass
@@ -92,13 +105,42 @@ def run_graph(graph: AssetGraph, ctx: RunContext, submit: Callable[[str], Prefec
         status[name] = "success" if done.state.is_completed() else "failed"
         if name not in ctx.outcomes:  # the task died before it could report
             ctx.outcomes[name] = AssetOutcome(asset=name, status="failed", error=str(done.state.message))
+            ctx.hooks.asset_finished(ctx.run, ctx.outcomes[name], None)
     return [ctx.outcomes[n] for n in graph.names]
 
 
 def default_hooks(json_logs: bool = False, extra: list[Hook] | None = None) -> HookSet:
-    """Logs and traces, plus whatever the caller adds (the CLI's progress display)."""
-    setup_tracing()
-    return HookSet([LoggingHook(json_lines=json_logs), TracingHook(), *(extra or [])])
+    """Traces and metrics (when OTEL_* ask for them), logs, plus whatever the caller adds (the
+    CLI's progress display). Tracing comes first: it sets the trace id the others report."""
+    tracer, meter = setup_tracing(), setup_metrics()
+    if json_logs:
+        use_json_lines()
+    watchers: list[Hook] = [*([TracingHook(tracer)] if tracer else []), *([MetricsHook(meter)] if meter else [])]
+    return HookSet([*watchers, LoggingHook(), *alert_hooks(), *(extra or [])])
+
+
+def alert_hooks(settings: Settings | None = None) -> list[Hook]:
+    """Slack and PagerDuty alerts, when either is configured; settings go in, the hook never reads them."""
+    try:
+        settings = settings or load_settings()
+        url = settings.postgres_url()
+    except SyncError:
+        return []  # the run itself reports the bad setting
+    if not (settings.slack_webhook_url or settings.pagerduty_routing_key):
+        return []
+    password = urlsplit(url).password
+    return [AlertHook(
+        slack_webhook_url=settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None,
+        pagerduty_routing_key=settings.pagerduty_routing_key.get_secret_value() if settings.pagerduty_routing_key else None,
+        pagerduty_events_url=settings.pagerduty_events_url, severity=settings.pagerduty_severity,
+        source=str(Endpoint.parse(url)), run_link=_run_link, timeout_s=settings.alert_timeout,
+        secrets=[url, *([password, unquote(password)] if password else [])],
+    )]
+
+
+def _run_link(run: RunInfo) -> str | None:
+    """Where an operator opens the run: its Prefect flow run, else its Jaeger trace."""
+    return (url_for("flow-run", obj_id=run.flow_run_id) if run.flow_run_id else None) or trace_url(run.trace_id)
 
 
 def _flow_run_name() -> str:
@@ -129,11 +171,16 @@ def execute(
     )
     report = RunReport(run_id=run.run_id, selection=str(selection))
     try:
-        session = open_session(settings, subgraph)
+        session = with_retries(settings, "connect", lambda: open_session(settings, subgraph))
     except RunLockHeld as held:
         report.skipped_reason = str(held)
         return report
+    except SyncError as exc:  # nothing answered after the retries: alert, then fail the run
+        hooks.run_finished(run, [], exc)
+        raise
     with session:
+        # The run's own records: sync_runs rows in Postgres and, in a flow run, Prefect artifacts.
+        hooks = HookSet([hooks, SyncRunsRecorder(session.pool, session.catalog), RunArtifacts(subgraph)])
         ctx = RunContext(
             settings=settings, url=session.url, clients=session.clients, pool=session.pool,
             catalog=session.catalog, hooks=hooks, run=run, graph=subgraph,

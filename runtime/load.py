@@ -22,6 +22,7 @@ from assets.errors import PermanentError, SourceTableMissing, SyncError, Transie
 from assets.spec import AssetSpec, SourceTable
 from runtime.bigquery import BigQueryClients, TableReader, dataset_exists
 from runtime.postgres import Endpoint
+from runtime.retry import transient_cause
 from runtime.schema import SourcePlan
 from runtime.settings import Settings
 
@@ -198,13 +199,14 @@ def land(
         if source.columns is not None:
             fields = [f for f in fields if f.name in source.columns]
         plans[source.raw_table] = evolve(source, fields) if evolve else SourcePlan()
-        result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
     read = [s for s in spec.sources if s.raw_table in readers]
     try:
         # What run() would do, step by step: restore state from Postgres on a new machine, finish
         # packages a killed run left (else dlt would load only them and skip extraction), then
         # extract, normalize and load this run's rows.
         pipeline.sync_destination()
+        for source in read:  # after the restore: a new machine reads the checkpoint Postgres holds
+            result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
         if pipeline.has_pending_data:
             log.warning("%s: finishing %d load package(s) left by an interrupted run",
                         spec.name, len(pipeline.list_extracted_load_packages()) + len(pipeline.list_normalized_load_packages()))
@@ -259,7 +261,7 @@ def _classify(spec: AssetSpec, exc: PipelineStepFailed) -> SyncError:
     text = f"{spec.name}: {exc.step} step failed: {type(exc.exception).__name__}: {exc.exception}"
     # dlt says a failed schema update is safe to retry (two pipelines creating dlt's own tables in
     # one dataset at once); its transient exceptions are network and server hiccups.
-    transient = isinstance(exc.exception, (SchemaUpdateError, DltTransientException))
+    transient = isinstance(exc.exception, (SchemaUpdateError, DltTransientException)) or transient_cause(exc.exception)
     return TransientError(text) if transient else PermanentError(text)
 
 

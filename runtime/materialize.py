@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from assets.errors import SyncError
@@ -14,8 +16,8 @@ from graph import AssetGraph
 from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook
 from runtime.bigquery import BigQueryClients
-from runtime.build import build_asset
-from runtime.load import Progress, land
+from runtime.build import BuildResult, build_asset
+from runtime.load import LandResult, Progress, land
 from runtime.retry import with_retries
 from runtime.schema import SourcePlan, plan_source, record_changes
 from runtime.postgres import (
@@ -70,13 +72,8 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.checkpoint_before = landed.checkpoint_before
         outcome.checkpoint_after = landed.checkpoint_after
         outcome.step = "build"
-        with ctx.hooks.step(ctx.run, spec.name, "build"), ctx.pool.connection() as conn:
-            for source in spec.sources:
-                if source in landed.stand_ins:
-                    create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
-                else:
-                    secure_raw_table(conn, ctx.catalog, source.raw_table, source.primary_key)
-            built = build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh)
+        with ctx.hooks.step(ctx.run, spec.name, "build"):
+            built = with_retries(ctx.settings, f"{spec.name}: build", lambda: _build(ctx, spec, landed))
         outcome.rows_written = built.upserted
         outcome.rows_deleted = built.deleted
         outcome.status = "success"
@@ -88,6 +85,8 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.error_type = type(exc).__name__
     outcome.duration_s = time.perf_counter() - started
     ctx.outcomes[spec.name] = outcome
+    if error is not None:
+        _log_failure(ctx, outcome)
     _record_status(ctx, outcome)
     ctx.hooks.asset_finished(ctx.run, outcome, error)
     if error is not None:
@@ -97,27 +96,76 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
 
 def _evolve(ctx: RunContext, spec: AssetSpec, source: SourceTable, fields: list, outcome: AssetOutcome) -> SourcePlan:
     """Follow the source's schema: migrate widened columns, plan the rest, record every change."""
-    with ctx.pool.connection() as conn:
+    with ctx.hooks.step(ctx.run, spec.name, "schema", table=source.raw_table), ctx.pool.connection() as conn:
         plan = plan_source(conn, ctx.catalog, spec.name, source.raw_table, fields)
         outcome.schema_changes += record_changes(conn, ctx.catalog, spec.name, source.raw_table, plan.changes)
     return plan
 
 
+def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
+    """Secure the landed raw tables and build the destination, on one pooled connection (one attempt)."""
+    with ctx.pool.connection() as conn:
+        with ctx.hooks.step(ctx.run, spec.name, "secure_raw", tables=[s.raw_table for s in spec.sources]):
+            for source in spec.sources:
+                if source in landed.stand_ins:
+                    create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
+                else:
+                    secure_raw_table(conn, ctx.catalog, source.raw_table, source.primary_key)
+        with ctx.hooks.step(ctx.run, spec.name, "build_table", table=spec.table):
+            return build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh)
+
+
 def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:
     log.warning("%s: %d row(s) of %s failed validation and went to dead_letters", spec.name, len(rows), source.table)
+
+    def record() -> None:
+        with ctx.pool.connection() as conn:
+            record_dead_letters(conn, ctx.catalog, spec.name, source.table, ctx.run.run_id, rows)
+
+    with ctx.hooks.step(ctx.run, spec.name, "dead_letters", table=source.raw_table, rows=len(rows)):
+        with_retries(ctx.settings, f"{spec.name}: dead letters", record)
+
+
+def _log_failure(ctx: RunContext, outcome: AssetOutcome) -> None:
+    """One line an operator can act on: asset, step, error class and message, checkpoint kept."""
+    if not outcome.checkpoint_after:  # landing did not finish: the last recorded checkpoint stands
+        try:
+            outcome.checkpoint_after = with_retries(
+                ctx.settings, f"{outcome.asset}: read checkpoint", lambda: _recorded_checkpoint(ctx, outcome.asset)
+            )
+        except SyncError as exc:
+            log.warning("%s: cannot read the recorded checkpoint: %s", outcome.asset, exc)
+    log.error(
+        "%s failed at step %s: %s: %s; checkpoint stays at %s", outcome.asset, outcome.step, outcome.error_type,
+        outcome.error, json.dumps(outcome.checkpoint_after, sort_keys=True) if outcome.checkpoint_after else "none",
+    )
+
+
+def _recorded_checkpoint(ctx: RunContext, asset: str) -> dict[str, str | None]:
     with ctx.pool.connection() as conn:
-        record_dead_letters(conn, ctx.catalog, spec.name, source.table, ctx.run.run_id, rows)
+        row = conn.execute(
+            sql.SQL("SELECT last_checkpoint FROM {} WHERE entity_type = %s").format(ctx.catalog.sync_status), (asset,)
+        ).fetchone()
+    return row[0] if row and row[0] else {}
 
 
 def _record_status(ctx: RunContext, outcome: AssetOutcome) -> None:
-    with ctx.pool.connection() as conn:
-        record_sync_status(
-            conn,
-            ctx.catalog,
-            outcome.asset,
-            checkpoint=outcome.checkpoint_after or None,
-            items=outcome.rows_written + outcome.rows_deleted,
-            errors=outcome.rows_dead_lettered + (1 if outcome.status == "failed" else 0),
-            status="success" if outcome.status == "success" else "failed",
-            message=outcome.error,
-        )
+    """Write the asset's sync_status row; a failure here is logged, never hiding the asset's outcome."""
+
+    def record() -> None:
+        with ctx.pool.connection() as conn:
+            record_sync_status(
+                conn,
+                ctx.catalog,
+                outcome.asset,
+                checkpoint=outcome.checkpoint_after or None,
+                items=outcome.rows_written + outcome.rows_deleted,
+                errors=outcome.rows_dead_lettered + (1 if outcome.status == "failed" else 0),
+                status="success" if outcome.status == "success" else "failed",
+                message=outcome.error,
+            )
+
+    try:
+        with_retries(ctx.settings, f"{outcome.asset}: sync_status", record)
+    except SyncError as exc:
+        log.error("%s: could not record sync_status: %s", outcome.asset, exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     retries: int = Field(default=3, ge=0, le=10)
     retry_backoff_base: float = Field(default=1.0, ge=0)
     retry_backoff_max: float = Field(default=30.0, ge=0)
+    #: Alerts, each sent when configured: a Slack incoming webhook, a PagerDuty Events v2 routing key.
+    slack_webhook_url: SecretStr | None = None
+    pagerduty_routing_key: SecretStr | None = None
+    pagerduty_events_url: str = "https://events.pagerduty.com/v2/enqueue"
+    pagerduty_severity: Literal["critical", "error", "warning", "info"] = "error"
+    alert_timeout: float = Field(default=10.0, gt=0)
     internal_email_domains: Annotated[tuple[str, ...], NoDecode] = ("prefect.io",)
     #: Where dlt keeps its working folders (pending load packages); state also lives in Postgres.
     pipelines_dir: Path = _DEFAULT_STATE_DIR / "pipelines"
@@ -59,6 +65,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part for part in value.split(",")]
         return tuple(str(part).strip().lower() for part in value if str(part).strip())  # type: ignore[union-attr]
+
+    @field_validator("slack_webhook_url", "pagerduty_routing_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("slack_webhook_url", "pagerduty_events_url")
+    @classmethod
+    def _http_url(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and urlsplit(str(text)).scheme not in ("http", "https"):
+            raise ValueError("must be an http(s) URL (the value is not shown)")
+        return value
 
     @field_validator("destination_schema", "raw_schema")
     @classmethod
