@@ -79,9 +79,16 @@ def _emulator_command() -> list[str]:
     return [sys.executable, "-m", "bqemulator"]
 
 
+#: The emulator's gRPC message cap. Its default (11 MiB) is below one 65,536-row Arrow batch of a
+#: wide table (a million-row transcript table sends 18 MB batches), so large reads would fail.
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
 def _child_env() -> dict[str, str]:
-    """The caller's environment without `BQEMU_*` settings, so only our flags configure the emulator."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("BQEMU_")}
+    """The caller's environment without `BQEMU_*` settings, so only our settings configure the emulator."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BQEMU_")}
+    env["BQEMU_WRITE_API_MAX_REQUEST_BYTES"] = str(_MAX_MESSAGE_BYTES)
+    return env
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -280,6 +287,6 @@ def emulator_storage_client(grpc_target: str):  # noqa: ANN201 - BigQueryReadCli
     from google.cloud.bigquery_storage_v1 import BigQueryReadClient
     from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 
-    channel = grpc.insecure_channel(grpc_target)
+    channel = grpc.insecure_channel(grpc_target, options=[("grpc.max_receive_message_length", -1)])
     return BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
 

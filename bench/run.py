@@ -1,0 +1,92 @@
+"""One benchmark size: seed, then repeat the four measurements and keep every sample."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.measures import SyncRun, copy_limit, plain_baseline, project_sync, read_tables, source_read
+from bench.world import World
+
+log = logging.getLogger("bench")
+
+#: What the project's runs select: every asset.
+SELECTION = "*"
+
+
+def _sync_summary(run: SyncRun) -> dict[str, object]:
+    summary = asdict(run)
+    summary["outcomes"] = [{k: o[k] for k in ("asset", "rows_read", "rows_loaded", "duration_s")} for o in run.outcomes]
+    return summary
+
+
+def repetition(world: World, number: int, baseline_fraction: float, work: Path, ephemeral: bool) -> dict[str, object]:
+    """One sample of every measurement; the emulator starts afresh before each large read."""
+    sample: dict[str, object] = {}
+    world.restart_emulator()
+    tables = read_tables(world)
+    world.restart_emulator()
+    with world.database("copy") as url:
+        sample["copy_s"] = copy_limit(url, tables)
+    del tables
+    gc.collect()
+    log.info("  raw COPY %.2f s", sample["copy_s"])
+
+    world.restart_emulator()
+    sample["source_s"], sample["source_rows"] = source_read(world)
+    log.info("  Storage read %.2f s", sample["source_s"])
+
+    world.restart_emulator()
+    with world.database("baseline") as url:
+        baseline = plain_baseline(world, url, work / f"baseline-{number}", baseline_fraction)
+    sample["baseline"] = asdict(baseline)
+    log.info("  baseline %d rows in %.2f s (query %.2f s, dlt %.2f s)", baseline.rows, baseline.seconds,
+             baseline.query_s, baseline.load_s)
+
+    world.restart_emulator()
+    runs = work / f"sync-{number}"
+    with world.database("sync") as url:
+        # The emulator's ports change when it restarts: the environment is built for each run.
+        full = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "full")
+        log.info("  full sync %.2f s (in-process run %.2f s), peak %.0f MB", full.wall_s, full.run_s, full.peak_rss_mb)
+        sample["changed_rows"] = world.change_one_percent(number + 1)
+        world.restart_emulator()
+        incremental = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "incremental")
+        log.info("  incremental (%d rows changed) %.2f s", sample["changed_rows"], incremental.wall_s)
+        no_change = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "no_change")
+        log.info("  no change %.2f s", no_change.wall_s)
+        sample.update(full=_sync_summary(full), incremental=_sync_summary(incremental), no_change=_sync_summary(no_change))
+        if ephemeral:
+            # The same no-change run without a Prefect server: Prefect starts a temporary one.
+            lone = project_sync(world.sync_env(url, runs / "pipelines", own_prefect=False), SELECTION, runs, "no_change_ephemeral")
+            log.info("  no change, ephemeral Prefect server %.2f s", lone.wall_s)
+            sample["no_change_ephemeral_prefect"] = _sync_summary(lone)
+    shutil.rmtree(runs / "pipelines", ignore_errors=True)
+    return sample
+
+
+def median(samples: list[dict], *path: str) -> float:
+    values = []
+    for sample in samples:
+        value = sample
+        for key in path:
+            value = value[key]
+        values.append(float(value))
+    return statistics.median(values)
+
+
+def run_size(world: World, rows: int, repeat: int, baseline_rows: int, work: Path) -> dict[str, object]:
+    """Seed about `rows` transcript rows and measure `repeat` times; medians plus every sample."""
+    counts = world.seed(rows)
+    total = sum(counts.values())
+    log.info("seeded %d rows (%s)", total, ", ".join(f"{t} {n}" for t, n in counts.items()))
+    fraction = min(1.0, baseline_rows / total)
+    samples = []
+    for number in range(repeat):
+        log.info("repetition %d of %d", number + 1, repeat)
+        samples.append(repetition(world, number, fraction, work, ephemeral=number == 0))
+    return {"rows_requested": rows, "rows": total, "tables": counts, "samples": samples}
