@@ -94,8 +94,15 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
                 for t in spec.build.inputs
             }
             params: dict[str, object] = {s: list(v) if isinstance(v := getattr(settings, s), tuple) else v for s in spec.build_settings}
+            conn.execute("DROP VIEW IF EXISTS _build_rows")
             conn.execute("DROP TABLE IF EXISTS _build_rows, _build_changed")
-            if result.full:
+            empty = result.full and not conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(dest)).fetchone()[0]
+            if empty:
+                # First build into an empty table: one INSERT … SELECT, no staging copy, nothing to
+                # compare or delete. Checks read the freshly written rows through a view.
+                result.upserted = _insert_all(conn, spec, dest, rows_sql, params)
+                conn.execute(sql.SQL("CREATE TEMP VIEW _build_rows AS SELECT * FROM {}").format(dest))
+            elif result.full:
                 conn.execute(sql.SQL("CREATE TEMP TABLE _build_rows ON COMMIT DROP AS {}").format(rows_sql), params)
             else:
                 since = previous[0]
@@ -115,8 +122,11 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
                     params,
                 )
             result.checks = _run_checks(conn, spec, fmt, params)
-            result.upserted = _upsert(conn, spec, dest)
-            result.deleted = _delete_dropped(conn, spec, dest, full=result.full)
+            if empty:
+                conn.execute("DROP VIEW _build_rows")
+            else:
+                result.upserted = _upsert(conn, spec, dest)
+                result.deleted = _delete_dropped(conn, spec, dest, full=result.full)
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (asset, loaded_through, built_at) VALUES (%s, %s, now())"
@@ -132,6 +142,21 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
     finally:
         conn.isolation_level = None
     return result
+
+
+def _insert_all(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable, rows_sql: sql.Composable,
+                params: dict) -> int:
+    built = [sql.Identifier(c) for c in spec.built_columns]
+    touched = [sql.Identifier(c.name) for c in spec.columns if c.touched]
+    return conn.execute(
+        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM ({}) r").format(
+            dest,
+            sql.SQL(", ").join(built + touched),
+            sql.SQL(", ").join([*(sql.SQL("r.{}").format(c) for c in built), *(sql.SQL("now()") for _ in touched)]),
+            rows_sql,
+        ),
+        params,
+    ).rowcount
 
 
 def _upsert(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable) -> int:

@@ -69,6 +69,12 @@ def run_demo(args: argparse.Namespace, run: Callable[[argparse.Namespace], int])
         if os.environ.get("DATABASE_URL"):
             out.write("demo: loading into DATABASE_URL\n")
         else:
+            server = EmbeddedPostgres(data_dir=folder / "postgres")
+            if state["runs"] == 0:
+                # A fresh demo starts from an empty database even where the cluster lives outside
+                # the folder (as root it is kept under the temp folder).
+                server.start()
+                server.destroy()
             server = stack.enter_context(EmbeddedPostgres(data_dir=folder / "postgres"))
             os.environ["DATABASE_URL"] = server.create_database("gong_demo")
             out.write(f"demo: loading into a local Postgres at {server.host}:{server.port}/gong_demo\n")

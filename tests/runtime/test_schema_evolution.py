@@ -140,3 +140,14 @@ def test_a_removed_column_keeps_its_values_and_new_rows_get_null(seeded):
     assert changes(seeded) == [("brief", "removed", "text", "", "kept_values")]
     sync("calls")
     assert len(changes(seeded)) == 1
+
+
+def test_schema_changes_are_shown_by_the_cli(seeded):
+    from tests.runtime.test_cli import materialize
+
+    reshape(seeded, "call", call_schema(seeded, brief=None), "* EXCEPT (brief)")
+    sync("calls")
+    shown = materialize("--schema-changes", env_vars=seeded.vars())
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if "brief" in line)
+    assert line.split()[1:] == ["calls", "gong__call", "brief", "removed", "text", "-", "kept_values"]
