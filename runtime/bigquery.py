@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
+from google.api_core.retry import Retry, if_transient_error
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
@@ -16,7 +17,8 @@ from google.cloud.bigquery_storage_v1 import BigQueryReadClient, types
 from assets.errors import CredentialError, SourceTableMissing, TransientError
 from runtime.settings import BQ_NAME, Settings
 
-#: Storage read streams per table: parallel streams keep both cores busy on large tables.
+#: Storage read streams per table, read one after another: parallel reads measured slower on 2
+#: cores (bench/), and several streams still let the server split a large table.
 MAX_READ_STREAMS = 4
 
 _TRANSIENT = (
@@ -38,6 +40,14 @@ class BigQueryClients:
     project: str
     rest: bigquery.Client
     storage: BigQueryReadClient
+    #: Deadline (s) of one metadata call, its own retries included; the library's default is 600 s.
+    timeout: float = 120.0
+    #: Deadline (s) of one Storage read stream: a hung stream must not hold the run lock for a day.
+    read_timeout: float = 3600.0
+
+    @property
+    def retry(self):  # noqa: ANN201 - google.api_core Retry
+        return bigquery.DEFAULT_RETRY.with_deadline(self.timeout)
 
     def close(self) -> None:
         self.rest.close()
@@ -70,12 +80,12 @@ def connect(settings: Settings) -> BigQueryClients:
             settings.bigquery_storage_emulator_host, options=[("grpc.max_receive_message_length", -1)]
         )
         storage = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
-        return BigQueryClients(project, rest, storage)
+        return BigQueryClients(project, rest, storage, settings.bigquery_timeout, settings.bigquery_read_timeout)
 
     credentials = _google_credentials(settings)
     rest = bigquery.Client(project=project, credentials=credentials, location=settings.bigquery_location)
     storage = BigQueryReadClient(credentials=credentials)
-    return BigQueryClients(project, rest, storage)
+    return BigQueryClients(project, rest, storage, settings.bigquery_timeout, settings.bigquery_read_timeout)
 
 
 def _google_credentials(settings: Settings):  # noqa: ANN202 - google-auth has no public base type here
@@ -110,7 +120,7 @@ def check_dataset(clients: BigQueryClients, dataset: str, setting: str) -> None:
     """Fail with a credential error naming the setting when a dataset is missing or not permitted."""
     ref = f"{clients.project}.{dataset}"
     try:
-        clients.rest.get_dataset(ref)
+        clients.rest.get_dataset(ref, retry=clients.retry, timeout=clients.timeout)
     except gexc.NotFound:
         raise CredentialError(f"BigQuery dataset {ref} not found ({setting}, BIGQUERY_PROJECT)") from None
     except gexc.Forbidden:
@@ -123,7 +133,7 @@ def check_dataset(clients: BigQueryClients, dataset: str, setting: str) -> None:
 
 def dataset_exists(clients: BigQueryClients, dataset: str) -> bool:
     try:
-        clients.rest.get_dataset(f"{clients.project}.{dataset}")
+        clients.rest.get_dataset(f"{clients.project}.{dataset}", retry=clients.retry, timeout=clients.timeout)
     except gexc.NotFound:
         return False
     return True
@@ -162,7 +172,7 @@ class TableReader:
     def schema(self) -> list[bigquery.SchemaField]:
         """The table's columns; a missing table is a permanent error naming it."""
         try:
-            return list(self.clients.rest.get_table(self.ref).schema)
+            return list(self.clients.rest.get_table(self.ref, retry=self.clients.retry, timeout=self.clients.timeout).schema)
         except gexc.NotFound:
             raise SourceTableMissing(f"source table {self.ref} does not exist") from None
 
@@ -187,10 +197,16 @@ class TableReader:
         )
         try:
             session = self.clients.storage.create_read_session(
+                timeout=self.clients.timeout,
+                retry=Retry(predicate=if_transient_error, timeout=self.clients.timeout),
                 parent=f"projects/{self.clients.project}", read_session=session, max_stream_count=MAX_READ_STREAMS
             )
         except gexc.NotFound:
             raise SourceTableMissing(f"source table {self.ref} does not exist") from None
+        except (gexc.RetryError, gexc.DeadlineExceeded):
+            raise TransientError(
+                f"BigQuery Storage read of {self.ref}: no answer within {self.clients.timeout:g} s (BIGQUERY_TIMEOUT)"
+            ) from None
         except _TRANSIENT as exc:
             raise TransientError(f"BigQuery Storage read of {self.ref} failed: {type(exc).__name__}") from None
         schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
@@ -199,10 +215,16 @@ class TableReader:
         # 0.4-0.5M rows/s in parallel), as decoding competes with the server and the loader.
         for stream in session.streams:
             # The stream object resumes at its offset when the connection drops mid-read.
-            for response in self.clients.storage.read_rows(stream.name):
-                batch = pa.ipc.read_record_batch(
-                    pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema
-                )
-                self.stats.rows += batch.num_rows
-                self.stats.bytes += batch.nbytes
-                yield pa.Table.from_batches([batch])
+            try:
+                for response in self.clients.storage.read_rows(stream.name, timeout=self.clients.read_timeout):
+                    batch = pa.ipc.read_record_batch(
+                        pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema
+                    )
+                    self.stats.rows += batch.num_rows
+                    self.stats.bytes += batch.nbytes
+                    yield pa.Table.from_batches([batch])
+            except gexc.DeadlineExceeded:
+                raise TransientError(
+                    f"BigQuery Storage read of {self.ref}: stream not done within "
+                    f"{self.clients.read_timeout:g} s (BIGQUERY_READ_TIMEOUT)"
+                ) from None

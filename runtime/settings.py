@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     email_sender_table: str = "email_sender"
     email_recipient_table: str = "email_recipient"
     bigquery_location: str | None = None
+    #: Seconds one BigQuery metadata call may take, retries included, and one Storage read stream.
+    bigquery_timeout: float = Field(default=120.0, gt=0)
+    bigquery_read_timeout: float = Field(default=3600.0, gt=0)
     #: REST endpoint of a BigQuery emulator (`http://host:port`); anonymous credentials when set.
     bigquery_emulator_host: str | None = None
     #: gRPC `host:port` of the emulator's Storage Read API.

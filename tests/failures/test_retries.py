@@ -225,3 +225,22 @@ def test_permanent_failures_fail_at_once_without_retries(seeded, limited_role, m
     assert time.monotonic() - started < 30
     assert dest(seeded, "SELECT id, workspace_id FROM calls") == before
     assert seeded.rows("SELECT status FROM sync_status WHERE entity_type = 'calls'") == [("failed",)]
+
+
+def test_a_hung_bigquery_stream_ends_at_its_deadline_and_fails_the_asset(env, storage_proxy, monkeypatch):
+    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=40, tables=["gong.call"])
+    monkeypatch.setenv("BIGQUERY_TIMEOUT", "2")
+    monkeypatch.setenv("BIGQUERY_READ_TIMEOUT", "2")
+    monkeypatch.setenv("RETRIES", "1")
+    storage_proxy.stall(after_bytes=0)  # the Storage API never answers
+    started = time.monotonic()
+    try:
+        report = sync("calls")
+    finally:
+        storage_proxy.resume()
+    calls = outcome(report, "calls")
+    assert calls.status == "failed"
+    assert calls.error.endswith("no answer within 2 s (BIGQUERY_TIMEOUT)"), calls.error
+    # Two attempts of a 2 s deadline, not the library's 10 minutes or a day.
+    assert time.monotonic() - started < 60
+    assert env.rows("SELECT status FROM sync_status WHERE entity_type = 'calls'") == [("failed",)]
