@@ -7,7 +7,11 @@ from runtime.flow import RunFailed, RunReport, sync_flow
 
 def sync(*assets: str, full_refresh: bool = False) -> RunReport:
     """Run the Prefect flow in-process on the session's test server; return its report."""
-    state = sync_flow(assets=list(assets) or ["*"], full_refresh=full_refresh, return_state=True)
+    return report_of(sync_flow(assets=list(assets) or ["*"], full_refresh=full_refresh, return_state=True))
+
+
+def report_of(state) -> RunReport:  # noqa: ANN001 - a Prefect State
+    """The RunReport a finished flow run carries, whether it completed or failed."""
     result = state.result(raise_on_failure=False)
     if isinstance(result, RunFailed):
         return result.report

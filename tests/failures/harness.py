@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from observability.events import RunInfo
 from observability.hooks import Hook, HookSet
 from runtime.flow import TASK_RUNNER_THREADS, RunFailed, RunReport, default_hooks, execute
+from tests.helpers import report_of
 
 #: Hooks the next `run_with_faults` adds to the run's own (flow parameters must be plain values).
 _FAULTS: list[Hook] = []
@@ -63,15 +64,9 @@ def run_with_faults(*assets: str, faults: list[Hook]) -> RunReport:
     """The real run (the same `execute` as the deployment's flow) with fault hooks added."""
     _FAULTS[:] = faults
     try:
-        state = _faulty_flow(assets=list(assets) or ["*"], return_state=True)
+        return report_of(_faulty_flow(assets=list(assets) or ["*"], return_state=True))
     finally:
         _FAULTS.clear()
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, RunFailed):
-        return result.report
-    if isinstance(result, RunReport):
-        return result
-    raise AssertionError(f"flow ended {state.type.value} without a report: {result!r}")
 
 
 def materialize(*args: str, environ: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
