@@ -16,6 +16,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 from dlt.common.destination.exceptions import SchemaUpdateError
 from dlt.common.exceptions import TransientException as DltTransientException
+from dlt.common.pipeline import ExtractInfo
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from assets.errors import PermanentError, SourceTableMissing, SyncError, TransientError
@@ -218,12 +219,19 @@ def land(
             for s in read
         ]
         if resources:
-            pipeline.extract(resources, loader_file_format="parquet", refresh="drop_data" if full_refresh else None)
-            normalized = pipeline.normalize()
-            for table, count in normalized.row_counts.items():
-                if not table.startswith("_dlt"):
-                    result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
-            _load(pipeline, url, settings, result)
+            extracted = pipeline.extract(
+                resources, loader_file_format="parquet", refresh="drop_data" if full_refresh else None
+            )
+            if not full_refresh and _data_rows(extracted) == 0:
+                # Nothing past the checkpoint: the package holds only dlt's unchanged state. Deleting
+                # it (and restoring the state it started from) spares a load round trip per asset.
+                pipeline.abort_packages()
+            else:
+                normalized = pipeline.normalize()
+                for table, count in normalized.row_counts.items():
+                    if not table.startswith("_dlt"):
+                        result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
+                _load(pipeline, url, settings, result)
     except PipelineStepFailed as exc:
         raise _classify(spec, exc) from exc
     for source in read:
@@ -231,6 +239,17 @@ def land(
         result.bytes_read += readers[source.raw_table].stats.bytes
         result.checkpoint_after[source.raw_table] = _checkpoint(pipeline, source)
     return result
+
+
+def _data_rows(info: ExtractInfo) -> int:
+    """Rows an extract wrote for the source tables (dlt's own state table not counted)."""
+    return sum(
+        metrics.items_count
+        for load_id in info.loads_ids
+        for step in info.metrics.get(load_id, [])
+        for table, metrics in step["table_metrics"].items()
+        if not table.startswith("_dlt")
+    )
 
 
 #: Datasets whose dlt system tables this process has seen created. The first load into a new

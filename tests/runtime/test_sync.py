@@ -190,3 +190,20 @@ def test_full_refresh_forgets_the_checkpoint_and_reloads(seeded):
     assert calls.rows_loaded == total
     assert len(seeded.rows("SELECT 1 FROM calls WHERE id = %s", (CASES.shared_call_id,))) == 2
     assert dest(seeded, "SELECT id, workspace_id, title, duration, started, _fivetran_synced FROM calls") == live_calls(seeded)
+
+
+def test_a_new_machine_resumes_from_the_checkpoint_kept_in_postgres(seeded):
+    import shutil
+
+    sync(CORE)
+    assert outcome(sync(CORE), "calls").rows_loaded == 0  # nothing new: nothing loaded
+    insert_rows(seeded.bq, seeded.gong("call"), [{"id": "9000000000000000003", "workspace_id": CASES.workspace_ids[1],
+                                                   "title": "After a quiet run"}], synced_at=LATER)
+    assert outcome(sync(CORE), "calls").rows_loaded == 1
+    # A new machine: dlt's working folders are gone; the checkpoint comes back from Postgres.
+    shutil.rmtree(seeded.pipelines_dir)
+    report = sync(CORE)
+    calls = outcome(report, "calls")
+    assert (calls.rows_loaded, calls.rows_written) == (0, 0)
+    assert calls.checkpoint_before["gong__call"] == LATER.isoformat(timespec="microseconds")
+    assert_in_step(seeded)
