@@ -6,7 +6,7 @@ The three source tables are not in every account's Gong ERD, so their names are 
 from pydantic import BaseModel, Field
 
 from assets.opportunities import OPPORTUNITY
-from assets.spec import AssetSpec, Build, Check, Index, SourceTable, columns, live, since
+from assets.spec import AssetSpec, Build, Check, Index, SourceTable, columns, live, since, warning_check
 
 
 class EmailRow(BaseModel):
@@ -94,9 +94,7 @@ BUILD = Build(
         Check(level="error", message="sent_at cannot be parsed; stored as NULL",
               sql=f"SELECT b.gong_email_id, e.sent_at FROM _build_rows b JOIN {_E} e ON e.id = b.gong_email_id "
                   "WHERE b.sent_at IS NULL"),
-        Check(level="warning", message="malformed address kept as it came",
-              sql="SELECT gong_email_id, w FROM _build_rows, jsonb_array_elements_text(metadata->'warnings') w "
-                  "WHERE w LIKE 'malformed%%'"),
+        warning_check("malformed address kept as it came", "gong_email_id", "malformed"),
     ),
 )
 

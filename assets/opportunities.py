@@ -6,7 +6,7 @@ connector's `opportunity` table, and the account and owner then stay unknown (NU
 
 from pydantic import BaseModel, Field
 
-from assets.spec import AssetSpec, Build, Check, Column, Index, SourceTable, columns, live, since
+from assets.spec import AssetSpec, Build, Check, Column, Index, SourceTable, columns, live, since, warning_check
 
 
 class OpportunityRow(BaseModel):
@@ -92,12 +92,8 @@ BUILD = Build(
               sql="SELECT gong_opportunity_id, NULL FROM _build_rows WHERE account_name IS NULL"),
         Check(level="warning", message="owner not found; owner_email is NULL",
               sql="SELECT gong_opportunity_id, NULL FROM _build_rows WHERE owner_email IS NULL"),
-        Check(level="warning", message="amount is not a valid decimal; stored as NULL",
-              sql="SELECT gong_opportunity_id, w FROM _build_rows, jsonb_array_elements_text(metadata->'warnings') w "
-                  "WHERE w LIKE 'amount%%'"),
-        Check(level="warning", message="close_date cannot be parsed; stored as NULL",
-              sql="SELECT gong_opportunity_id, w FROM _build_rows, jsonb_array_elements_text(metadata->'warnings') w "
-                  "WHERE w LIKE 'close_date%%'"),
+        warning_check("amount is not a valid decimal; stored as NULL", "gong_opportunity_id", "amount"),
+        warning_check("close_date cannot be parsed; stored as NULL", "gong_opportunity_id", "close_date"),
     ),
 )
 

@@ -71,6 +71,16 @@ class Check(_Frozen):
     sql: str
 
 
+def warning_check(message: str, key: str, prefix: str) -> Check:
+    """A check logging the rows whose `metadata.warnings` hold a warning starting with `prefix`."""
+    return Check(
+        level="warning",
+        message=message,
+        sql=f"SELECT {key}, w FROM _build_rows, jsonb_array_elements_text(metadata->'warnings') w "
+            f"WHERE w LIKE '{prefix}%%'",
+    )
+
+
 class Build(_Frozen):
     """How the destination table is derived from raw tables, in SQL run inside Postgres.
 
