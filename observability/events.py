@@ -37,6 +37,17 @@ class AssetOutcome:
     step: str | None = None
 
     @property
+    def rows_synced(self) -> int:
+        """Destination rows the asset changed: written plus deleted."""
+        return self.rows_written + self.rows_deleted
+
+    @property
+    def errors(self) -> int:
+        """The asset's errors, as sync_status, sync_runs and the metrics count them: dead-lettered
+        rows, plus one if the asset failed."""
+        return self.rows_dead_lettered + (1 if self.status == "failed" else 0)
+
+    @property
     def checkpoint(self) -> str | None:
         """The latest cursor value among the asset's source tables, for one-line summaries."""
         values = [v for v in self.checkpoint_after.values() if v]

@@ -158,7 +158,7 @@ class LoggingHook(Hook):
             status="failed" if failed or error else "success",
             failed=",".join(failed) or "-",
             skipped=",".join(skipped) or "-",
-            rows_synced=sum(o.rows_written + o.rows_deleted for o in outcomes),
+            rows_synced=sum(o.rows_synced for o in outcomes),
             **({"trace_id": run.trace_id} if run.trace_id else {}),
             **({"trace_url": url} if (url := trace_url(run.trace_id)) else {}),
         )

@@ -61,16 +61,6 @@ def flush_metrics(timeout_ms: int = 10_000) -> None:
         _provider.force_flush(timeout_ms)
 
 
-def errors_of(outcome: AssetOutcome) -> int:
-    """An asset's errors, counted as sync_status counts them: dead-lettered rows, plus one if it failed."""
-    return outcome.rows_dead_lettered + (1 if outcome.status == "failed" else 0)
-
-
-def rows_synced_of(outcome: AssetOutcome) -> int:
-    """Destination rows the asset changed: written plus deleted."""
-    return outcome.rows_written + outcome.rows_deleted
-
-
 class MetricsHook(Hook):
     """Adds each finished asset's figures to the instruments; pushes them when the run ends."""
 
@@ -91,8 +81,8 @@ class MetricsHook(Hook):
 
     def asset_finished(self, run: RunInfo, outcome: AssetOutcome, error: BaseException | None) -> None:
         labels = {"asset": outcome.asset, "status": outcome.status}
-        self.rows_synced.add(rows_synced_of(outcome), labels)
-        self.errors_count.add(errors_of(outcome), labels)
+        self.rows_synced.add(outcome.rows_synced, labels)
+        self.errors_count.add(outcome.errors, labels)
         self.dead_letters.add(outcome.rows_dead_lettered, labels)
         self.schema_changes.add(outcome.schema_changes, labels)
         if outcome.status != "skipped":  # a skipped asset took no time: it would skew the histogram

@@ -203,7 +203,7 @@ class TracingHook(Hook):
             "sync.status": "failed" if failed or error is not None else "success",
             "sync.assets_failed": failed,
             "sync.assets_skipped": skipped,
-            "sync.rows_synced": sum(o.rows_written + o.rows_deleted for o in outcomes),
+            "sync.rows_synced": sum(o.rows_synced for o in outcomes),
         })
         if error is not None:
             _record_error(span, error)

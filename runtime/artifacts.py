@@ -9,7 +9,6 @@ from graph import AssetGraph
 from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook
 from observability.logs import redact, trace_url
-from observability.metrics import errors_of, rows_synced_of
 
 #: Artifact keys: Prefect keeps every run's version under one key, newest first.
 TABLE_KEY = "gong-sync-assets"
@@ -28,9 +27,9 @@ def asset_rows(outcomes: Sequence[AssetOutcome]) -> list[dict[str, object]]:
             "asset": o.asset,
             "status": o.status,
             "rows_read": o.rows_read,
-            "rows_synced": rows_synced_of(o),
+            "rows_synced": o.rows_synced,
             "rows_dead_lettered": o.rows_dead_lettered,
-            "errors": errors_of(o),
+            "errors": o.errors,
             "duration_s": round(o.duration_s, 2),
             "checkpoint": o.checkpoint or "",
             "error": redact(o.error) if o.error else "",
@@ -45,7 +44,7 @@ def _node_id(name: str) -> str:
 
 def _node_text(o: AssetOutcome) -> str:
     if o.status == "success":
-        return f"{rows_synced_of(o)} rows · {o.duration_s:.1f} s"
+        return f"{o.rows_synced} rows · {o.duration_s:.1f} s"
     if o.status == "failed":
         return f"failed in {o.step or 'run'} · {o.duration_s:.1f} s"
     return "skipped"
@@ -74,7 +73,7 @@ def graph_markdown(run: RunInfo, graph: AssetGraph, outcomes: Sequence[AssetOutc
         note = redact(o.error or "").replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {levels.get(name, 0)} | {name} | {', '.join(graph.upstream(name)) or '-'} | {o.status} "
-            f"| {rows_synced_of(o)} | {o.duration_s:.2f} | {note} |"
+            f"| {o.rows_synced} | {o.duration_s:.2f} | {note} |"
         )
     return "\n".join(lines) + "\n"
 

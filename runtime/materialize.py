@@ -159,8 +159,8 @@ def _record_status(ctx: RunContext, outcome: AssetOutcome) -> None:
                 ctx.catalog,
                 outcome.asset,
                 checkpoint=outcome.checkpoint_after or None,
-                items=outcome.rows_written + outcome.rows_deleted,
-                errors=outcome.rows_dead_lettered + (1 if outcome.status == "failed" else 0),
+                items=outcome.rows_synced,
+                errors=outcome.errors,
                 status="success" if outcome.status == "success" else "failed",
                 message=outcome.error,
             )

@@ -14,7 +14,6 @@ from psycopg_pool import ConnectionPool
 from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook
 from observability.logs import redact
-from observability.metrics import errors_of, rows_synced_of
 from runtime.postgres import Catalog
 
 TABLE = "sync_runs"
@@ -91,8 +90,8 @@ class SyncRunsRecorder(Hook):
                 (
                     run.run_id, outcome.asset, str(run.flow_run_id) if run.flow_run_id else None, started, finished,
                     outcome.duration_s, outcome.status, outcome.rows_read, outcome.rows_loaded, outcome.rows_written,
-                    outcome.rows_deleted, rows_synced_of(outcome), outcome.rows_dead_lettered,
-                    outcome.schema_changes, errors_of(outcome),
+                    outcome.rows_deleted, outcome.rows_synced, outcome.rows_dead_lettered,
+                    outcome.schema_changes, outcome.errors,
                     json.dumps(outcome.checkpoint_after) if outcome.checkpoint_after else None,
                     redact(outcome.error) if outcome.error else None, run.trace_id,
                 ),
