@@ -112,17 +112,20 @@ class LandResult:
     bytes_read: int = 0
     checkpoint_before: dict[str, str | None] = field(default_factory=dict)
     checkpoint_after: dict[str, str | None] = field(default_factory=dict)
-    load_ids: list[str] = field(default_factory=list)
 
 
 def pipeline_name(spec: AssetSpec) -> str:
     return f"gong_sync__{spec.name}"
 
 
+def _destination(url: str, settings: Settings) -> str:
+    """Which raw dataset a pipeline lands in (server, database, schema), without the password."""
+    return f"{Endpoint.parse(url)}|{settings.raw_schema}"
+
+
 def open_pipeline(spec: AssetSpec, settings: Settings, url: str) -> dlt.Pipeline:
     """The asset's dlt pipeline; its working folder is per destination so states never mix."""
-    endpoint = Endpoint.parse(url)
-    where = hashlib.sha256(f"{endpoint}|{settings.raw_schema}".encode()).hexdigest()[:12]
+    where = hashlib.sha256(_destination(url, settings).encode()).hexdigest()[:12]
     return dlt.pipeline(
         pipeline_name=pipeline_name(spec),
         pipelines_dir=str(settings.pipelines_dir / where),
@@ -212,7 +215,7 @@ def land(
             log.warning("%s: finishing %d load package(s) left by an interrupted run",
                         spec.name, len(pipeline.list_extracted_load_packages()) + len(pipeline.list_normalized_load_packages()))
             pipeline.normalize()
-            _load(pipeline, url, settings, result)
+            _load(pipeline, url, settings)
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
                       result.rows_rejected)
@@ -231,7 +234,7 @@ def land(
                 for table, count in normalized.row_counts.items():
                     if not table.startswith("_dlt"):
                         result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
-                _load(pipeline, url, settings, result)
+                _load(pipeline, url, settings)
     except PipelineStepFailed as exc:
         raise _classify(spec, exc) from exc
     for source in read:
@@ -259,15 +262,14 @@ _READY: set[str] = set()
 _FIRST_LOAD = threading.Lock()
 
 
-def _load(pipeline: dlt.Pipeline, url: str, settings: Settings, result: LandResult) -> None:
-    key = f"{Endpoint.parse(url)}|{settings.raw_schema}"
+def _load(pipeline: dlt.Pipeline, url: str, settings: Settings) -> None:
+    key = _destination(url, settings)
     if key in _READY:
-        info = pipeline.load()
+        pipeline.load()
     else:
         with _FIRST_LOAD:
-            info = pipeline.load()
+            pipeline.load()
             _READY.add(key)
-    result.load_ids.extend(info.loads_ids)
 
 
 def _classify(spec: AssetSpec, exc: PipelineStepFailed) -> SyncError:
