@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +32,19 @@ from runtime.settings import Settings
 # asked. Telemetry is off: the pipeline never talks to anything but BigQuery and Postgres.
 os.environ["NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID"] = "true"
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
+def _parse_json_paths_once() -> None:
+    """dlt compiles the cursor's JSON path with a new jsonpath-ng parser at every use, and each
+    parser regenerates its LR tables (~15 ms of CPU): 55 times in a run of every asset, 2 s of the
+    no-change run's 4 s on two cores. Compiled paths are never mutated, so one per text serves all."""
+    import dlt.common.jsonpath as jsonpath
+
+    if not hasattr(jsonpath._parse, "cache_info"):
+        jsonpath._parse = functools.lru_cache(maxsize=256)(jsonpath._parse)
+
+
+_parse_json_paths_once()
 
 #: Called with (raw table, rows read so far) while a table is being read.
 Progress = Callable[[str, int], None]
