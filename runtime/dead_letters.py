@@ -228,7 +228,7 @@ def _build(spec: AssetSpec, settings: Settings, session: Session, catalog: Catal
     with session.pool.connection() as conn:
         for source in spec.sources:
             if _raw_exists(conn, catalog, source.raw_table):
-                secure_raw_table(conn, catalog, source.raw_table, source.primary_key)
+                secure_raw_table(conn, catalog, source)
         return build_asset(conn, catalog, spec, settings, full=False)
 
 

@@ -165,7 +165,8 @@ def _resource(
     @dlt.resource(
         name=source.raw_table,
         primary_key=source.primary_key,
-        write_disposition={"disposition": "merge", "strategy": "delete-insert"},
+        # The first load appends (no staging copy, no dedup pass); later ones merge on the key.
+        write_disposition="append" if plan.first_load else {"disposition": "merge", "strategy": "delete-insert"},
         # Types come from BigQuery's schema (runtime/schema.py), not from whatever Arrow a batch has.
         columns=plan.hints,
     )

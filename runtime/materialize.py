@@ -110,7 +110,7 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
                 if source in landed.stand_ins:
                     create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
                 else:
-                    secure_raw_table(conn, ctx.catalog, source.raw_table, source.primary_key)
+                    secure_raw_table(conn, ctx.catalog, source)
         with ctx.hooks.step(ctx.run, spec.name, "build_table", table=spec.table):
             return build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh)
 

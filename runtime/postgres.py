@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -12,8 +13,10 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from assets.errors import CredentialError, TransientError
-from assets.spec import AssetSpec, Column
+from assets.spec import AssetSpec, Column, SourceTable
 from runtime.settings import Settings
+
+log = logging.getLogger("gong_sync.postgres")
 
 
 @dataclass(frozen=True)
@@ -218,27 +221,39 @@ def create_destination_table(conn: psycopg.Connection, catalog: Catalog, spec: A
         )
 
 
-def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, table: str, primary_key: tuple[str, ...]) -> None:
+def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceTable) -> None:
     """Give a landed raw table its primary key and the load-id index the builds scan by.
 
     dlt declares primary-key columns NOT NULL but creates no constraint; without one its
-    delete-insert merge scans the whole table.
+    delete-insert merge scans the whole table. A first load appends without dlt's dedup pass, so
+    a key can be there twice (a source table holding it twice, or a load job repeated after a
+    crash): the latest version by the cursor stays, and the count is logged.
     """
-    ref = catalog.raw_table(table)
+    ref = catalog.raw_table(source.raw_table)
+    key = sql.SQL(", ").join(map(sql.Identifier, source.primary_key))
     with conn.transaction():
         has_pk = conn.execute(
             "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
-            (f'"{catalog.raw_name}"."{table}"',),
+            (f'"{catalog.raw_name}"."{source.raw_table}"',),
         ).fetchone()
         if not has_pk:
-            conn.execute(
-                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-                    ref, sql.SQL(", ").join(map(sql.Identifier, primary_key))
+            duplicates = conn.execute(
+                sql.SQL(
+                    "DELETE FROM {ref} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, row_number() OVER"
+                    " (PARTITION BY {key} ORDER BY {cursor} DESC NULLS LAST, _dlt_load_id DESC, ctid DESC) AS n"
+                    " FROM {ref} WHERE ({key}) IN (SELECT {key} FROM {ref} GROUP BY {key} HAVING count(*) > 1)) AS d"
+                    " WHERE n > 1)"
+                ).format(ref=ref, key=key, cursor=sql.Identifier(source.cursor))
+            ).rowcount
+            if duplicates:
+                log.warning(
+                    "%s.%s: %d older copies of rows with the same primary key (%s) removed; the latest by %s stays",
+                    catalog.raw_name, source.raw_table, duplicates, ", ".join(source.primary_key), source.cursor,
                 )
-            )
+            conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(ref, key))
         conn.execute(
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ((_dlt_load_id::numeric))").format(
-                sql.Identifier(f"{table}__load_id"[:63]), ref
+                sql.Identifier(f"{source.raw_table}__load_id"[:63]), ref
             )
         )
 

@@ -126,6 +126,10 @@ class SourcePlan:
     renames: dict[str, str] = field(default_factory=dict)
     json_columns: set[str] = field(default_factory=set)
     changes: list[Change] = field(default_factory=list)
+    #: The raw table holds nothing yet (absent, or empty without its primary key): dlt appends
+    #: straight into it instead of merging through a staging copy, which costs several times the
+    #: COPY. `secure_raw_table` then gives it its key (and settles any duplicate a retry left).
+    first_load: bool = False
 
     def adapt(self, table: pa.Table) -> pa.Table:
         """Cast columns to their landing type and move incompatible ones to a variant column."""
@@ -163,6 +167,7 @@ def plan_source(
     """Compare BigQuery's schema with the raw table, migrate what widens, and plan the rest."""
     plan = SourcePlan()
     existing = raw_columns(conn, catalog.raw_name, raw_table)
+    plan.first_load = not existing or unloaded(conn, catalog, raw_table)
     alters: list[tuple[str, PgType]] = []
     for f in fields:
         new = bq_type(f)
@@ -202,6 +207,17 @@ def plan_source(
     if alters:
         _alter(conn, catalog, raw_table, alters)
     return plan
+
+
+def unloaded(conn: psycopg.Connection, catalog: Catalog, raw_table: str) -> bool:
+    """An existing raw table that no load has filled or secured yet."""
+    return conn.execute(
+        sql.SQL(
+            "SELECT NOT EXISTS (SELECT 1 FROM {}) AND NOT EXISTS"
+            " (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p')"
+        ).format(catalog.raw_table(raw_table)),
+        (f'"{catalog.raw_name}"."{raw_table}"',),
+    ).fetchone()[0]
 
 
 def _alter(conn: psycopg.Connection, catalog: Catalog, raw_table: str, alters: list[tuple[str, PgType]]) -> None:

@@ -45,7 +45,7 @@ def test_merge_into_a_large_raw_table_uses_the_primary_key(env) -> None:
             prepare_schemas(conn, catalog, [TRANSCRIPTS])
         first = land(TRANSCRIPTS, settings, clients, env.database_url)
         with env.connect() as conn:
-            secure_raw_table(conn, catalog, source.raw_table, source.primary_key)
+            secure_raw_table(conn, catalog, source)
         # A later Fivetran sync: 1% of the calls' transcripts change.
         env.bq.query(
             f"UPDATE `{env.gong('transcript')}` SET topic = 'Renewal', "

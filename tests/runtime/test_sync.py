@@ -142,6 +142,30 @@ def test_incremental_run_applies_inserts_updates_deletes_and_equal_timestamp_row
     assert outcome(report, "calls").checkpoint_after["gong__call"] == LATER.isoformat(timespec="microseconds")
 
 
+def test_a_first_load_keeps_the_latest_of_a_key_the_source_holds_twice(seeded, caplog):
+    # BigQuery enforces no keys. A first load appends without dlt's dedup pass; the raw table's
+    # primary key must still end up holding each key once, the latest version by the cursor.
+    ws = CASES.workspace_ids[0]
+    twice = {"id": "9000000000000000003", "workspace_id": ws}
+    insert_rows(seeded.bq, seeded.gong("call"), [{**twice, "title": "Newer"}], synced_at=LATER)
+    insert_rows(seeded.bq, seeded.gong("call"), [{**twice, "title": "Older"}], synced_at=LATER - dt.timedelta(days=1))
+    caplog.set_level("WARNING", logger="gong_sync")
+
+    report = sync("calls")
+
+    assert report.status == "success"
+    assert seeded.rows("SELECT title FROM gong_raw.gong__call WHERE id = %s", (twice["id"],)) == [("Newer",)]
+    assert seeded.rows("SELECT title FROM calls WHERE id = %s", (twice["id"],)) == [("Newer",)]
+    assert seeded.rows(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'gong_raw.gong__call'::regclass AND contype = 'p'"
+    ) == [(1,)]
+    assert "gong_raw.gong__call: 1 older copies of rows with the same primary key (id, workspace_id) removed" in caplog.text
+    # The next run merges on that key: a change to the call replaces its one row.
+    update_rows(seeded.bq, seeded.gong("call"), twice, {"title": "Renamed"}, LATER + dt.timedelta(days=1))
+    assert sync("calls").status == "success"
+    assert seeded.rows("SELECT title FROM calls WHERE id = %s", (twice["id"],)) == [("Renamed",)]
+
+
 def test_selecting_speakers_touches_only_speakers(seeded):
     sync(CORE)
     update_rows(seeded.bq, seeded.gong("call"), {"id": CASES.shared_call_id}, {"title": "Not yet"}, LATER)
