@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,29 +20,12 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 
 from assets.errors import PermanentError, SourceTableMissing, SyncError, TransientError
 from assets.spec import AssetSpec, SourceTable
+from runtime import dlt_setup  # noqa: F401 - configures dlt for this process before any pipeline
 from runtime.bigquery import BigQueryClients, TableReader, dataset_exists
 from runtime.postgres import Endpoint
 from runtime.retry import transient_cause
 from runtime.schema import SourcePlan
 from runtime.settings import Settings
-
-# Builds find the rows each load brought by `_dlt_load_id`; dlt leaves it off Arrow rows unless
-# asked. Telemetry is off: the pipeline never talks to anything but BigQuery and Postgres.
-os.environ["NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_LOAD_ID"] = "true"
-os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
-
-
-def _parse_json_paths_once() -> None:
-    """dlt compiles the cursor's JSON path with a new jsonpath-ng parser at every use, and each
-    parser regenerates its LR tables (~15 ms of CPU): 55 times in a run of every asset, 2 s of the
-    no-change run's 4 s on two cores. Compiled paths are never mutated, so one per text serves all."""
-    import dlt.common.jsonpath as jsonpath
-
-    if not hasattr(jsonpath._parse, "cache_info"):
-        jsonpath._parse = functools.lru_cache(maxsize=256)(jsonpath._parse)
-
-
-_parse_json_paths_once()
 
 #: Called with (raw table, rows read so far) while a table is being read.
 Progress = Callable[[str, int], None]
