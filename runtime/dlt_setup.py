@@ -32,3 +32,15 @@ def _parse_json_paths_once() -> None:
 
 
 _parse_json_paths_once()
+
+
+class _KeptHintsFilter(logging.Filter):
+    """Drop dlt's warning, once per Arrow batch, that our column hints differ from the batch's
+    schema and were kept. They differ by design (a primary key is declared NOT NULL, the Storage
+    API's Arrow says nullable) and keeping them is the point; a line per 65k rows drowned the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "dlt schema hints were kept" not in record.getMessage()
+
+
+logging.getLogger("dlt").addFilter(_KeptHintsFilter())
