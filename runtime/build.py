@@ -104,23 +104,10 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
                 conn.execute(sql.SQL("CREATE TEMP VIEW _build_rows AS SELECT * FROM {}").format(dest))
             elif result.full:
                 conn.execute(sql.SQL("CREATE TEMP TABLE _build_rows ON COMMIT DROP AS {}").format(rows_sql), params)
+                conn.execute("ANALYZE _build_rows")
             else:
-                since = previous[0]
-                params.update({t: Decimal(since.get(t, "0")) for t in spec.build.inputs})
-                changed = sql.SQL(spec.build.changed_keys).format(**fmt)
-                # Name the key columns as the destination does, whatever the declaration called them.
-                conn.execute(
-                    sql.SQL("CREATE TEMP TABLE _build_changed ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) k ({})").format(
-                        changed, _keys(spec)
-                    ),
-                    params,
-                )
-                conn.execute(
-                    sql.SQL(
-                        "CREATE TEMP TABLE _build_rows ON COMMIT DROP AS SELECT r.* FROM ({}) r JOIN _build_changed USING ({})"
-                    ).format(rows_sql, _keys(spec)),
-                    params,
-                )
+                params.update({t: Decimal(previous[0].get(t, "0")) for t in spec.build.inputs})
+                stage_changed_rows(conn, spec, fmt, params)
             result.checks = _run_checks(conn, spec, fmt, params)
             if empty:
                 conn.execute("DROP VIEW _build_rows")
@@ -142,6 +129,31 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
     finally:
         conn.isolation_level = None
     return result
+
+
+def stage_changed_rows(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, params: dict) -> None:
+    """Temp tables of the keys whose inputs changed since the watermarks (`_build_changed`) and of
+    their rows as built now (`_build_rows`), analyzed.
+
+    Without statistics Postgres guesses one row for each, and the delete of dropped rows became a
+    nested loop over `_build_rows` per changed key: for 10k changed transcripts 6 s (50M
+    comparisons); analyzed (50 ms), a hash anti join takes 40 ms.
+    """
+    changed = sql.SQL(spec.build.changed_keys).format(**fmt)
+    # Name the key columns as the destination does, whatever the declaration called them.
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE _build_changed ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) k ({})").format(
+            changed, _keys(spec)
+        ),
+        params,
+    )
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE _build_rows ON COMMIT DROP AS SELECT r.* FROM ({}) r JOIN _build_changed USING ({})").format(
+            sql.SQL(spec.build.rows).format(**fmt), _keys(spec)
+        ),
+        params,
+    )
+    conn.execute("ANALYZE _build_changed, _build_rows")
 
 
 def _insert_all(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable, rows_sql: sql.Composable,
@@ -193,6 +205,12 @@ def _upsert(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable) -> 
 
 def _delete_dropped(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable, *, full: bool) -> int:
     """Remove destination rows whose input is gone or soft-deleted."""
+    return conn.execute(delete_dropped_query(spec, dest, full=full)).rowcount
+
+
+def delete_dropped_query(spec: AssetSpec, dest: sql.Composable, *, full: bool) -> sql.Composed:
+    """The DELETE of destination rows with no live row in `_build_rows` (among the changed keys
+    unless `full`)."""
     not_live = sql.SQL("NOT EXISTS (SELECT 1 FROM _build_rows r WHERE {})").format(_key_match(spec, "r", "d"))
     if full:
         query = sql.SQL("DELETE FROM {} d WHERE {}").format(dest, not_live)
@@ -200,4 +218,4 @@ def _delete_dropped(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composa
         query = sql.SQL("DELETE FROM {} d USING _build_changed c WHERE {} AND {}").format(
             dest, _key_match(spec, "c", "d"), not_live
         )
-    return conn.execute(query).rowcount
+    return query
