@@ -133,11 +133,8 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
 
 def stage_changed_rows(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, params: dict) -> None:
     """Temp tables of the keys whose inputs changed since the watermarks (`_build_changed`) and of
-    their rows as built now (`_build_rows`), analyzed.
-
-    Without statistics Postgres guesses one row for each, and the delete of dropped rows became a
-    nested loop over `_build_rows` per changed key: for 10k changed transcripts 6 s (50M
-    comparisons); analyzed (50 ms), a hash anti join takes 40 ms.
+    their rows as built now (`_build_rows`), analyzed: without statistics Postgres guesses their
+    sizes from nothing, and the statements that read them (checks, upsert, delete) plan on a guess.
     """
     changed = sql.SQL(spec.build.changed_keys).format(**fmt)
     # Name the key columns as the destination does, whatever the declaration called them.
@@ -210,12 +207,18 @@ def _delete_dropped(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composa
 
 def delete_dropped_query(spec: AssetSpec, dest: sql.Composable, *, full: bool) -> sql.Composed:
     """The DELETE of destination rows with no live row in `_build_rows` (among the changed keys
-    unless `full`)."""
-    not_live = sql.SQL("NOT EXISTS (SELECT 1 FROM _build_rows r WHERE {})").format(_key_match(spec, "r", "d"))
+    unless `full`).
+
+    Incremental: the keys that changed but built no row are a set difference, computed once
+    (hashed or sorted) and then found in the destination by its primary key. A NOT EXISTS per
+    changed destination row left the choice to the planner's estimate of a multi-column join,
+    which it puts at one row: it then scanned `_build_rows` once per changed key (11k speakers:
+    3.4 s, whatever the statistics).
+    """
     if full:
-        query = sql.SQL("DELETE FROM {} d WHERE {}").format(dest, not_live)
-    else:
-        query = sql.SQL("DELETE FROM {} d USING _build_changed c WHERE {} AND {}").format(
-            dest, _key_match(spec, "c", "d"), not_live
+        return sql.SQL("DELETE FROM {} d WHERE NOT EXISTS (SELECT 1 FROM _build_rows r WHERE {})").format(
+            dest, _key_match(spec, "r", "d")
         )
-    return query
+    return sql.SQL(
+        "DELETE FROM {} d USING (SELECT {keys} FROM _build_changed EXCEPT SELECT {keys} FROM _build_rows) g WHERE {}"
+    ).format(dest, _key_match(spec, "g", "d"), keys=_keys(spec))
