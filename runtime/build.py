@@ -144,13 +144,16 @@ def stage_changed_rows(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, par
         ),
         params,
     )
+    # Before the rows are built: knowing the changed keys are few, Postgres fetches their rows by
+    # primary key instead of hashing the whole raw table (11k of 857k speakers: 0.6 s -> 0.2 s).
+    conn.execute("ANALYZE _build_changed")
     conn.execute(
         sql.SQL("CREATE TEMP TABLE _build_rows ON COMMIT DROP AS SELECT r.* FROM ({}) r JOIN _build_changed USING ({})").format(
             sql.SQL(spec.build.rows).format(**fmt), _keys(spec)
         ),
         params,
     )
-    conn.execute("ANALYZE _build_changed, _build_rows")
+    conn.execute("ANALYZE _build_rows")
 
 
 def _insert_all(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable, rows_sql: sql.Composable,
