@@ -260,12 +260,15 @@ _FIRST_LOAD = threading.Lock()
 
 def _load(pipeline: dlt.Pipeline, url: str, settings: Settings) -> None:
     key = _destination(url, settings)
-    if key in _READY:
-        pipeline.load()
-    else:
+    if key not in _READY:
         with _FIRST_LOAD:
-            pipeline.load()
-            _READY.add(key)
+            # Checked again under the lock: the loads that queued behind the first one (on a first
+            # run, every root asset's) need not take turns once it has created dlt's tables.
+            if key not in _READY:
+                pipeline.load()
+                _READY.add(key)
+                return
+    pipeline.load()
 
 
 def _classify(spec: AssetSpec, exc: PipelineStepFailed) -> SyncError:
