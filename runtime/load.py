@@ -211,7 +211,7 @@ def land(
             log.warning("%s: finishing %d load package(s) left by an interrupted run",
                         spec.name, len(pipeline.list_extracted_load_packages()) + len(pipeline.list_normalized_load_packages()))
             pipeline.normalize()
-            _load(pipeline, url, settings)
+            _load(pipeline, url, settings, merges=True)  # its dispositions are unknown here: assume a merge
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
                       result.rows_rejected)
@@ -230,7 +230,7 @@ def land(
                 for table, count in normalized.row_counts.items():
                     if not table.startswith("_dlt"):
                         result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
-                _load(pipeline, url, settings)
+                _load(pipeline, url, settings, merges=any(not plans[s.raw_table].first_load for s in read))
     except PipelineStepFailed as exc:
         raise _classify(spec, exc) from exc
     for source in read:
@@ -251,22 +251,25 @@ def _data_rows(info: ExtractInfo) -> int:
     )
 
 
-#: Datasets whose dlt system tables this process has seen created. The first load into a new
-#: dataset creates them; two pipelines doing that at once collide on CREATE TABLE, so first loads
-#: take turns and later ones run in parallel.
+#: Datasets whose dlt tables this process has seen created. The first load into a new dataset
+#: creates dlt's system tables, and the first merge creates the staging dataset beside it; two
+#: pipelines doing either at once collide on CREATE (a duplicate pg_type), so those loads take
+#: turns and later ones run in parallel. A first load appends: the staging dataset appears only
+#: with the next run's merges, which is why it is tracked on its own.
 _READY: set[str] = set()
 _FIRST_LOAD = threading.Lock()
 
 
-def _load(pipeline: dlt.Pipeline, url: str, settings: Settings) -> None:
-    key = _destination(url, settings)
-    if key not in _READY:
+def _load(pipeline: dlt.Pipeline, url: str, settings: Settings, *, merges: bool) -> None:
+    dataset = _destination(url, settings)
+    needed = {dataset, f"{dataset}|staging"} if merges else {dataset}
+    if not needed <= _READY:
         with _FIRST_LOAD:
             # Checked again under the lock: the loads that queued behind the first one (on a first
-            # run, every root asset's) need not take turns once it has created dlt's tables.
-            if key not in _READY:
+            # run, every root asset's) need not take turns once it has created the tables.
+            if not needed <= _READY:
                 pipeline.load()
-                _READY.add(key)
+                _READY.update(needed)
                 return
     pipeline.load()
 
