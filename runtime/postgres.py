@@ -232,11 +232,7 @@ def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceT
     ref = catalog.raw_table(source.raw_table)
     key = sql.SQL(", ").join(map(sql.Identifier, source.primary_key))
     with conn.transaction():
-        has_pk = conn.execute(
-            "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
-            (f'"{catalog.raw_name}"."{source.raw_table}"',),
-        ).fetchone()
-        if not has_pk:
+        if not has_primary_key(conn, catalog.raw_name, source.raw_table):
             duplicates = conn.execute(
                 sql.SQL(
                     "DELETE FROM {ref} WHERE ctid IN (SELECT ctid FROM (SELECT ctid, row_number() OVER"
@@ -264,6 +260,13 @@ def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceT
 
 def table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
     return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}"."{table}"',)).fetchone()[0]
+
+
+def has_primary_key(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p')",
+        (f'"{schema}"."{table}"',),
+    ).fetchone()[0]
 
 
 def record_sync_status(

@@ -25,7 +25,7 @@ import pyarrow as pa
 from google.cloud.bigquery import SchemaField
 from psycopg import sql
 
-from runtime.postgres import Catalog
+from runtime.postgres import Catalog, has_primary_key
 
 log = logging.getLogger("gong_sync.schema")
 
@@ -211,13 +211,9 @@ def plan_source(
 
 def unloaded(conn: psycopg.Connection, catalog: Catalog, raw_table: str) -> bool:
     """An existing raw table that no load has filled or secured yet."""
-    return conn.execute(
-        sql.SQL(
-            "SELECT NOT EXISTS (SELECT 1 FROM {}) AND NOT EXISTS"
-            " (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p')"
-        ).format(catalog.raw_table(raw_table)),
-        (f'"{catalog.raw_name}"."{raw_table}"',),
-    ).fetchone()[0]
+    if has_primary_key(conn, catalog.raw_name, raw_table):
+        return False
+    return not conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(catalog.raw_table(raw_table))).fetchone()[0]
 
 
 def _alter(conn: psycopg.Connection, catalog: Catalog, raw_table: str, alters: list[tuple[str, PgType]]) -> None:
