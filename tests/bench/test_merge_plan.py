@@ -18,7 +18,7 @@ from psycopg import sql
 from assets.transcripts import ASSET as TRANSCRIPTS
 from runtime.bigquery import connect
 from runtime.build import build_asset, delete_dropped_query, stage_changed_rows
-from runtime.load import land
+from runtime.load import LandResult, land
 from runtime.local.seed import seed_workspace
 from runtime.postgres import Catalog, prepare_schemas, secure_raw_table
 from runtime.settings import load_settings
@@ -38,7 +38,10 @@ def _merge_delete(pipelines_dir: Path, raw_table: str) -> str:
     return max(found)[1]
 
 
-def test_merge_into_a_large_raw_table_uses_the_primary_key(env) -> None:
+def _land_then_change(env, change: str, *, build: bool = False) -> tuple[LandResult, LandResult, Catalog]:
+    """Land the seeded transcripts and secure the raw table (with `build`: build the destination
+    too, analyzed as autovacuum leaves it), then, as a later Fivetran sync, change the transcripts
+    matching `change` and land again."""
     seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=CALLS,
                    tables=["gong.transcript"])
     settings = load_settings()
@@ -51,14 +54,25 @@ def test_merge_into_a_large_raw_table_uses_the_primary_key(env) -> None:
         first = land(TRANSCRIPTS, settings, clients, env.database_url)
         with env.connect() as conn:
             secure_raw_table(conn, catalog, source)
-        # A later Fivetran sync: 1% of the calls' transcripts change.
+            if build:
+                build_asset(conn, catalog, TRANSCRIPTS, settings, full=False)
+                # As autovacuum does after a large first build: the planner knows the tables' sizes.
+                conn.execute(sql.SQL("ANALYZE {}").format(catalog.dest_table(TRANSCRIPTS.table)))
+                conn.execute(sql.SQL("ANALYZE {}").format(catalog.raw_table(source.raw_table)))
         env.bq.query(
             f"UPDATE `{env.gong('transcript')}` SET topic = 'Renewal', "
-            "_fivetran_synced = TIMESTAMP '2027-01-01 00:00:00.000001+00' WHERE MOD(CAST(call_id AS INT64), 100) = 7"
+            f"_fivetran_synced = TIMESTAMP '2027-01-01 00:00:00.000001+00' WHERE {change}"
         ).result()
         second = land(TRANSCRIPTS, settings, clients, env.database_url)
     finally:
         clients.close()
+    return first, second, catalog
+
+
+def test_merge_into_a_large_raw_table_uses_the_primary_key(env) -> None:
+    source = TRANSCRIPTS.sources[0]
+    # 1% of the calls' transcripts change.
+    first, second, _ = _land_then_change(env, "MOD(CAST(call_id AS INT64), 100) = 7")
     total = first.rows_loaded[source.raw_table]
     changed = second.rows_loaded[source.raw_table]
     assert total > 45_000 and 0 < changed < total / 50
@@ -76,29 +90,7 @@ def test_an_incremental_build_reads_its_built_rows_once_to_find_dropped_ones(env
     # The build's DELETE of rows whose input is gone compares the changed keys with the rows built
     # for them, two temp tables. Planned on an estimate of one row, it scanned the built rows once
     # per changed key: 10k changed transcripts took 6 s, 11k speakers 3.4 s.
-    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=CALLS,
-                   tables=["gong.transcript"])
-    settings = load_settings()
-    clients = connect(settings)
-    catalog = Catalog(settings)
-    source = TRANSCRIPTS.sources[0]
-    try:
-        with env.connect() as conn:
-            prepare_schemas(conn, catalog, [TRANSCRIPTS])
-        land(TRANSCRIPTS, settings, clients, env.database_url)
-        with env.connect() as conn:
-            secure_raw_table(conn, catalog, source)
-            build_asset(conn, catalog, TRANSCRIPTS, settings, full=False)
-            # As autovacuum does after a large first build: the planner knows the tables' sizes.
-            conn.execute(sql.SQL("ANALYZE {}").format(catalog.dest_table(TRANSCRIPTS.table)))
-            conn.execute(sql.SQL("ANALYZE {}").format(catalog.raw_table(source.raw_table)))
-        env.bq.query(
-            f"UPDATE `{env.gong('transcript')}` SET topic = 'Renewal', "
-            "_fivetran_synced = TIMESTAMP '2027-01-01 00:00:00.000001+00' WHERE MOD(CAST(call_id AS INT64), 20) = 3"
-        ).result()
-        land(TRANSCRIPTS, settings, clients, env.database_url)
-    finally:
-        clients.close()
+    _, _, catalog = _land_then_change(env, "MOD(CAST(call_id AS INT64), 20) = 3", build=True)
 
     with env.connect() as conn, conn.transaction(force_rollback=True):
         since = conn.execute(
