@@ -1,40 +1,82 @@
-"""`calls`: Gong calls, a replica of `gongio_ft.call` keyed on Fivetran's `(id, workspace_id)`."""
+"""`calls`: one app row per Gong call (`gongio_ft.call`), keyed by its Gong id.
 
-from assets.spec import AssetSpec, Index, SourceTable, columns, replica_build
+Gong ids are global and the app keys calls by Gong id alone: should a call id be in two
+workspaces, the row with the latest `_fivetran_synced` wins and the other goes to dead letters.
+"""
 
-SOURCE = SourceTable(dataset="gong", table="call", primary_key=("id", "workspace_id"))
+from assets.spec import JSONB, TEXT, DATE, INTEGER, TIMESTAMP, AssetSpec, Build, SourceTable, col
 
-COLUMNS = columns(
-    id="text",
-    workspace_id="text",
-    primary_user_id="text",
-    title="text",
-    scheduled="timestamptz",
-    started="timestamptz",
-    duration="bigint",
-    direction="text",
-    scope="text",
-    purpose="text",
-    media="text",
-    url="text",
-    meeting_url="text",
-    is_private="boolean",
-    custom_data="jsonb",
-    systems="jsonb",
-    call_outcome_id="text",
-    call_outcome_name="text",
-    call_outcome_category="text",
-    brief="text",
-    _fivetran_synced="timestamptz",
+CALL = SourceTable(dataset="gong", table="call", primary_key=("id", "workspace_id"))
+
+#: Source fields that have a column of their own in the app row; every other field goes to
+#: `metadata`, so a new Gong column reaches the app with no DDL.
+OWN_COLUMNS = ("id", "title", "scheduled", "purpose", "url")
+#: Raw columns that are bookkeeping, not Gong's data.
+SYSTEM_COLUMNS = ("_fivetran_deleted", "_fivetran_synced", "_dlt_load_id", "_dlt_id")
+
+# The live winner per Gong id, with its whole raw row as JSON: optional columns (which vary by
+# account and connector version) read as NULL when the table lacks them.
+_WINNERS = """
+    SELECT DISTINCT ON (c.id) c.id, c.workspace_id, to_jsonb(c) AS j
+    FROM {call} c
+    WHERE NOT coalesce(c._fivetran_deleted, false)
+    ORDER BY c.id, c._fivetran_synced DESC NULLS LAST, c.workspace_id
+"""
+
+# `duration` is seconds; a source that sends fractions is rounded half away from zero (Postgres's
+# round on numeric), and the exact value stays in metadata.duration.
+ROWS = """
+    SELECT coalesce(a.id, {fn_uuid}('calls', w.id)) AS id,
+           w.id AS gong_call_id,
+           w.j ->> 'title' AS title,
+           ({fn_try_timestamptz}(w.j ->> 'scheduled') AT TIME ZONE 'UTC') AS scheduled_at,
+           round({fn_try_numeric}(w.j ->> 'duration'))::integer AS duration_seconds,
+           w.j ->> 'purpose' AS call_type,
+           now()::timestamp AS processed_at,
+           jsonb_strip_nulls(w.j - ARRAY['id', 'title', 'scheduled', 'purpose', 'url', 'duration',
+                                         '_fivetran_deleted', '_fivetran_synced', '_dlt_load_id', '_dlt_id']
+               || jsonb_build_object('gong_url', w.j -> 'url')
+               || CASE WHEN mod({fn_try_numeric}(w.j ->> 'duration'), 1) <> 0
+                       THEN jsonb_build_object('duration', w.j -> 'duration') ELSE jsonb_build_object() END
+           ) AS metadata,
+           ({fn_try_timestamptz}(w.j ->> 'scheduled') AT TIME ZONE 'UTC')::date AS date
+    FROM (""" + _WINNERS + """) w
+    LEFT JOIN {app_calls} a ON a.gong_call_id = w.id
+"""
+
+BUILD = Build(
+    inputs=(CALL,),
+    rows=ROWS,
+    changed="SELECT c.id AS gong_call_id FROM {call_new} c",
+    gone="SELECT a.id FROM {app_calls} a JOIN {gone} g ON g.gong_call_id = a.gong_call_id",
+    # The other workspace's copy of a call id that two workspaces hold.
+    rejects="""
+        SELECT c.id || ':' || c.workspace_id, jsonb_build_object('id', c.id, 'workspace_id', c.workspace_id),
+               to_jsonb(c) - '_dlt_load_id' - '_dlt_id',
+               'call id ' || c.id || ' is also in workspace ' || w.workspace_id
+                   || ', whose row is newer by _fivetran_synced; the app keys calls by Gong id alone'
+        FROM {call} c JOIN (""" + _WINNERS + """) w ON w.id = c.id AND w.workspace_id <> c.workspace_id
+        WHERE NOT coalesce(c._fivetran_deleted, false)
+    """,
 )
 
 ASSET = AssetSpec(
     name="calls",
-    description="Gong calls, one row per call and workspace.",
+    description="Gong calls: title, schedule, duration, type, the Gong link and every other field in metadata.",
     tags={"gong"},
-    sources=(SOURCE,),
-    primary_key=("id", "workspace_id"),
-    columns=COLUMNS,
-    build=replica_build(SOURCE, COLUMNS, casts={"custom_data": "jsonb", "systems": "jsonb"}),
-    indexes=(Index(name="idx_calls_started", definition="(started DESC)"),),
+    sources=(CALL,),
+    table="calls",
+    columns=(
+        col("gong_call_id", TEXT),
+        col("title", TEXT),
+        col("scheduled_at", TIMESTAMP),
+        col("duration_seconds", INTEGER),
+        col("call_type", TEXT),
+        col("processed_at", TIMESTAMP, write="first"),
+        col("metadata", JSONB),
+        col("date", DATE),
+    ),
+    source_key="gong_call_id",
+    natural_key="gong_call_id",
+    build=BUILD,
 )

@@ -1,12 +1,15 @@
-"""`emails`: one row per Gong email, with its sender and sorted recipients (email-sync spec).
+"""`emails`: one app row per Gong email, with its sender, sorted recipients and opportunity.
 
-The three source tables are not in every account's Gong ERD, so their names are settings.
+The three source tables are not in every account's Gong ERD, so their names are settings. The
+opportunity link is the app's opportunity row (its uuid) while that opportunity lives.
 """
 
 from pydantic import BaseModel, Field
 
 from assets.opportunities import OPPORTUNITY
-from assets.spec import AssetSpec, Build, Check, Index, SourceTable, columns, live, since, warning_check
+from assets.spec import (
+    JSONB, TEXT, TEXT_ARRAY, TIMESTAMPTZ, UUID, AssetSpec, Build, Check, SourceTable, col, warning_check,
+)
 
 
 class EmailRow(BaseModel):
@@ -33,66 +36,59 @@ RECIPIENT = SourceTable(
     table_setting="email_recipient_table", row_model=AddressRow,
 )
 
-COLUMNS = columns(
-    gong_email_id="text",
-    subject="text",
-    sender_email="text",
-    recipients="text[] NOT NULL DEFAULT '{}'",
-    sent_at="timestamptz",
-    body_snippet="text",
-    metadata="jsonb",
-    opportunity_id="text",
-)
-
-_E, _S, _R, _O = (f"{{raw}}.{t.raw_table}" for t in (EMAIL, SENDER, RECIPIENT, OPPORTUNITY))
 #: An address we would accept for sending mail: something@domain.tld, no spaces.
-_VALID_ADDRESS = r"'^[^@\s]+@[^@\s]+\.[^@\s]+$'"
+_VALID = r"'^[^@\s]+@[^@\s]+\.[^@\s]+$'"
+
+# Optional columns (subject, body, headers, opportunity_id) are read through the row's JSON.
+ROWS = """
+    SELECT coalesce(a.id, {fn_uuid}('emails', e.id)) AS id,
+           e.id AS gong_email_id,
+           o.id AS opportunity_id,
+           e.j ->> 'subject' AS subject,
+           snd.address AS sender_email,
+           coalesce(rcp.addresses, ARRAY[]::varchar[]) AS recipients,
+           {fn_try_timestamptz}(e.sent_at) AS sent_at,
+           left(e.j ->> 'body', 500) AS body_snippet,
+           jsonb_strip_nulls(jsonb_build_object(
+               'body', e.j ->> 'body',
+               'headers', {fn_try_jsonb}(e.j ->> 'headers'),
+               'warnings', nullif(to_jsonb(array_remove(ARRAY[
+                   CASE WHEN snd.address IS NULL THEN 'no sender' END,
+                   CASE WHEN snd.address !~ """ + _VALID + """ THEN 'malformed sender address: ' || snd.address END,
+                   CASE WHEN {fn_try_timestamptz}(e.sent_at) IS NULL THEN 'sent_at cannot be parsed: ' || e.sent_at END
+               ] || coalesce(rcp.malformed, ARRAY[]::text[]), NULL)), '[]'::jsonb)
+           )) AS metadata
+    FROM (SELECT e.id, e.sent_at, to_jsonb(e) AS j FROM {email} e WHERE NOT coalesce(e._fivetran_deleted, false)) e
+    LEFT JOIN {app_emails} a ON a.gong_email_id = e.id
+    LEFT JOIN {app_opportunities} o ON o.gong_opportunity_id = e.j ->> 'opportunity_id'
+    LEFT JOIN LATERAL (
+        SELECT min(s.email_address) AS address FROM {email_sender} s
+        WHERE s.email_id = e.id AND NOT coalesce(s._fivetran_deleted, false)
+    ) snd ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(r.email_address ORDER BY r.email_address)::varchar[] AS addresses,
+               array_agg('malformed recipient address: ' || r.email_address ORDER BY r.email_address)
+                   FILTER (WHERE r.email_address !~ """ + _VALID + """) AS malformed
+        FROM {email_recipient} r WHERE r.email_id = e.id AND NOT coalesce(r._fivetran_deleted, false)
+    ) rcp ON true
+"""
 
 BUILD = Build(
-    inputs=(EMAIL.raw_table, SENDER.raw_table, RECIPIENT.raw_table, OPPORTUNITY.raw_table),
-    rows=f"""
-        SELECT e.id AS gong_email_id,
-               e.subject,
-               snd.address AS sender_email,
-               coalesce(rcp.addresses, '{{{{}}}}') AS recipients,
-               {{raw}}.gs_try_timestamptz(e.sent_at) AS sent_at,
-               left(e.body, 500) AS body_snippet,
-               jsonb_strip_nulls(jsonb_build_object(
-                   'body', e.body,
-                   'headers', {{raw}}.gs_try_jsonb(e.headers),
-                   'warnings', nullif(to_jsonb(array_remove(ARRAY[
-                       CASE WHEN snd.address IS NULL THEN 'no sender' END,
-                       CASE WHEN snd.address !~ {_VALID_ADDRESS} THEN 'malformed sender address: ' || snd.address END,
-                       CASE WHEN {{raw}}.gs_try_timestamptz(e.sent_at) IS NULL
-                            THEN 'sent_at cannot be parsed: ' || e.sent_at END
-                   ] || coalesce(rcp.malformed, '{{{{}}}}'), NULL)), '[]'::jsonb)
-               )) AS metadata,
-               o.id AS opportunity_id
-        FROM {_E} e
-        LEFT JOIN LATERAL (
-            SELECT min(s.email_address) AS address FROM {_S} s WHERE s.email_id = e.id AND {live('s', SENDER)}
-        ) snd ON true
-        LEFT JOIN LATERAL (
-            SELECT array_agg(r.email_address ORDER BY r.email_address) AS addresses,
-                   array_agg('malformed recipient address: ' || r.email_address ORDER BY r.email_address)
-                       FILTER (WHERE r.email_address !~ {_VALID_ADDRESS}) AS malformed
-            FROM {_R} r WHERE r.email_id = e.id AND {live('r', RECIPIENT)}
-        ) rcp ON true
-        LEFT JOIN {_O} o ON o.id = e.opportunity_id AND {live('o', OPPORTUNITY)}
-        WHERE {live('e', EMAIL)}
-    """,
+    inputs=(EMAIL, SENDER, RECIPIENT, OPPORTUNITY),
+    rows=ROWS,
     # An email changes when its own row, a sender or recipient row, or its opportunity lands.
-    changed_keys=f"""
-        SELECT e.id FROM {_E} e WHERE {since(EMAIL, 'e')}
-        UNION SELECT s.email_id FROM {_S} s WHERE {since(SENDER, 's')}
-        UNION SELECT r.email_id FROM {_R} r WHERE {since(RECIPIENT, 'r')}
-        UNION SELECT e.id FROM {_E} e JOIN {_O} o ON o.id = e.opportunity_id WHERE {since(OPPORTUNITY, 'o')}
+    changed="""
+        SELECT e.id AS gong_email_id FROM {email_new} e
+        UNION SELECT s.email_id FROM {email_sender_new} s
+        UNION SELECT r.email_id FROM {email_recipient_new} r
+        UNION SELECT e.id FROM {email} e JOIN {opportunity_new} o ON o.id = to_jsonb(e) ->> 'opportunity_id'
     """,
+    gone="SELECT a.id FROM {app_emails} a JOIN {gone} g ON g.gong_email_id = a.gong_email_id",
     checks=(
         Check(level="warning", message="email has no sender; sender_email is NULL",
-              sql="SELECT gong_email_id, NULL FROM _build_rows WHERE sender_email IS NULL"),
+              sql="SELECT gong_email_id, NULL FROM {rows} WHERE sender_email IS NULL"),
         Check(level="error", message="sent_at cannot be parsed; stored as NULL",
-              sql=f"SELECT b.gong_email_id, e.sent_at FROM _build_rows b JOIN {_E} e ON e.id = b.gong_email_id "
+              sql="SELECT b.gong_email_id, e.sent_at FROM {rows} b JOIN {email} e ON e.id = b.gong_email_id "
                   "WHERE b.sent_at IS NULL"),
         warning_check("malformed address kept as it came", "gong_email_id", "malformed"),
     ),
@@ -104,11 +100,18 @@ ASSET = AssetSpec(
     deps=("opportunities",),
     tags={"gong"},
     sources=(EMAIL, SENDER, RECIPIENT),
-    primary_key=("gong_email_id",),
-    columns=COLUMNS,
-    build=BUILD,
-    indexes=(
-        Index(name="idx_emails_opportunity", definition="(opportunity_id, sent_at DESC)"),
-        Index(name="idx_emails_sent_at", definition="(sent_at DESC)"),
+    table="emails",
+    columns=(
+        col("gong_email_id", TEXT),
+        col("opportunity_id", UUID),
+        col("subject", TEXT),
+        col("sender_email", TEXT),
+        col("recipients", TEXT_ARRAY),
+        col("sent_at", TIMESTAMPTZ),
+        col("body_snippet", TEXT),
+        col("metadata", JSONB),
     ),
+    source_key="gong_email_id",
+    natural_key="gong_email_id",
+    build=BUILD,
 )

@@ -6,7 +6,9 @@ connector's `opportunity` table, and the account and owner then stay unknown (NU
 
 from pydantic import BaseModel, Field
 
-from assets.spec import AssetSpec, Build, Check, Column, Index, SourceTable, columns, live, since, warning_check
+from assets.spec import (
+    DATE, JSONB, TEXT, TIMESTAMPTZ, AssetSpec, Build, Check, SourceTable, col, warning_check,
+)
 
 
 class OpportunityRow(BaseModel):
@@ -17,6 +19,7 @@ class OpportunityRow(BaseModel):
 
 
 _SF_DELETED = ("_fivetran_deleted", "is_deleted")
+NUMERIC = ("numeric",)
 
 # The cursor is `_fivetran_synced`, not `last_modified_date`: Fivetran bumps it for every row it
 # writes, so it moves with every modification too, and a soft delete (`_fivetran_deleted`) moves
@@ -27,72 +30,65 @@ OPPORTUNITY = SourceTable(
 )
 ACCOUNT = SourceTable(
     dataset="salesforce", table="account", primary_key=("id",), deleted_flags=_SF_DELETED,
-    stand_in=columns(id="text", name="text", is_deleted="boolean", _fivetran_deleted="boolean"),
+    stand_in=(("id", "text"), ("name", "text"), ("is_deleted", "boolean"), ("_fivetran_deleted", "boolean")),
 )
 OWNER = SourceTable(
-    dataset="salesforce", table="user", primary_key=("id",), deleted_flags=_SF_DELETED,
-    stand_in=columns(id="text", email="text", is_deleted="boolean", _fivetran_deleted="boolean"),
+    dataset="salesforce", table="user", primary_key=("id",), deleted_flags=_SF_DELETED, slot="owner",
+    stand_in=(("id", "text"), ("email", "text"), ("is_deleted", "boolean"), ("_fivetran_deleted", "boolean")),
 )
 
-COLUMNS = (
-    *columns(
-        gong_opportunity_id="text",
-        name="text",
-        stage="text",
-        close_date="date",
-        amount="numeric",
-        account_name="text",
-        owner_email="text",
-        health_score="numeric",
-        metadata="jsonb",
-    ),
-    Column(name="updated_at", pg_type="timestamptz NOT NULL DEFAULT now()", touched=True),
-)
-
-_O, _A, _U = (f"{{raw}}.{t.raw_table}" for t in (OPPORTUNITY, ACCOUNT, OWNER))
-#: Raw rows as JSON, so optional source columns (health score) read as NULL when absent.
-_ROW = "to_jsonb(o)"
+# Raw rows as JSON (`j`), so optional source columns (health score, amount…) read as NULL when
+# absent. amount is numeric(15,2) in the app: a value that does not fit is NULL, with a warning.
+ROWS = """
+    SELECT coalesce(x.id, {fn_uuid}('opportunities', o.id)) AS id,
+           o.id AS gong_opportunity_id,
+           o.name,
+           o.j ->> 'stage_name' AS stage,
+           {fn_try_date}(o.j ->> 'close_date') AS close_date,
+           CASE WHEN abs(v.amount) < 1e13 THEN round(v.amount, 2) END AS amount,
+           a.name AS account_name,
+           u.email AS owner_email,
+           CASE WHEN v.health BETWEEN 0 AND 100 THEN round(v.health, 2) END AS health_score,
+           jsonb_strip_nulls(jsonb_build_object(
+               'account', to_jsonb(a) - '_dlt_load_id' - '_dlt_id',
+               'warnings', nullif(to_jsonb(array_remove(ARRAY[
+                   CASE WHEN a.id IS NULL THEN 'account not found: ' || (o.j ->> 'account_id') END,
+                   CASE WHEN u.id IS NULL THEN 'owner not found: ' || (o.j ->> 'owner_id') END,
+                   CASE WHEN o.j ->> 'amount' IS NOT NULL AND v.amount IS NULL
+                        THEN 'amount is not a valid decimal: ' || (o.j ->> 'amount') END,
+                   CASE WHEN abs(v.amount) >= 1e13 THEN 'amount does not fit numeric(15,2): ' || v.amount END,
+                   CASE WHEN o.j ->> 'close_date' IS NOT NULL AND {fn_try_date}(o.j ->> 'close_date') IS NULL
+                        THEN 'close_date cannot be parsed: ' || (o.j ->> 'close_date') END
+               ], NULL)), '[]'::jsonb)
+           )) AS metadata
+    FROM (SELECT o.id, o.name, to_jsonb(o) AS j FROM {opportunity} o
+          WHERE NOT coalesce(o._fivetran_deleted, false) AND NOT coalesce(o.is_deleted, false)) o
+    CROSS JOIN LATERAL (SELECT {fn_try_numeric}(o.j ->> 'amount') AS amount,
+                               {fn_try_numeric}(o.j ->> 'health_score') AS health) v
+    LEFT JOIN {app_opportunities} x ON x.gong_opportunity_id = o.id
+    LEFT JOIN {account} a ON a.id = o.j ->> 'account_id'
+          AND NOT coalesce(a._fivetran_deleted, false) AND NOT coalesce(a.is_deleted, false)
+    LEFT JOIN {owner} u ON u.id = o.j ->> 'owner_id'
+          AND NOT coalesce(u._fivetran_deleted, false) AND NOT coalesce(u.is_deleted, false)
+"""
 
 BUILD = Build(
-    inputs=(OPPORTUNITY.raw_table, ACCOUNT.raw_table, OWNER.raw_table),
-    rows=f"""
-        SELECT o.id AS gong_opportunity_id,
-               o.name,
-               o.stage_name AS stage,
-               {{raw}}.gs_try_date({_ROW} ->> 'close_date') AS close_date,
-               {{raw}}.gs_try_numeric({_ROW} ->> 'amount') AS amount,
-               a.name AS account_name,
-               u.email AS owner_email,
-               CASE WHEN {{raw}}.gs_try_numeric({_ROW} ->> 'health_score') BETWEEN 0 AND 100
-                    THEN {{raw}}.gs_try_numeric({_ROW} ->> 'health_score') END AS health_score,
-               jsonb_strip_nulls(jsonb_build_object(
-                   'account', to_jsonb(a) - '_dlt_load_id',
-                   'warnings', nullif(to_jsonb(array_remove(ARRAY[
-                       CASE WHEN a.id IS NULL THEN 'account not found: ' || o.account_id END,
-                       CASE WHEN u.id IS NULL THEN 'owner not found: ' || o.owner_id END,
-                       CASE WHEN {_ROW} ->> 'amount' IS NOT NULL AND {{raw}}.gs_try_numeric({_ROW} ->> 'amount') IS NULL
-                            THEN 'amount is not a valid decimal: ' || ({_ROW} ->> 'amount') END,
-                       CASE WHEN {_ROW} ->> 'close_date' IS NOT NULL AND {{raw}}.gs_try_date({_ROW} ->> 'close_date') IS NULL
-                            THEN 'close_date cannot be parsed: ' || ({_ROW} ->> 'close_date') END
-                   ], NULL)), '[]'::jsonb)
-               )) AS metadata
-        FROM {_O} o
-        LEFT JOIN {_A} a ON a.id = o.account_id AND {live('a', ACCOUNT)}
-        LEFT JOIN {_U} u ON u.id = o.owner_id AND {live('u', OWNER)}
-        WHERE {live('o', OPPORTUNITY)}
-    """,
+    inputs=(OPPORTUNITY, ACCOUNT, OWNER),
+    rows=ROWS,
     # An account rename or an owner's new email reaches every opportunity that points at them.
-    changed_keys=f"""
-        SELECT o.id FROM {_O} o WHERE {since(OPPORTUNITY, 'o')}
-        UNION SELECT o.id FROM {_O} o JOIN {_A} a ON a.id = o.account_id WHERE {since(ACCOUNT, 'a')}
-        UNION SELECT o.id FROM {_O} o JOIN {_U} u ON u.id = o.owner_id WHERE {since(OWNER, 'u')}
+    changed="""
+        SELECT o.id AS gong_opportunity_id FROM {opportunity_new} o
+        UNION SELECT o.id FROM {opportunity} o JOIN {account_new} a ON a.id = o.account_id
+        UNION SELECT o.id FROM {opportunity} o JOIN {owner_new} u ON u.id = o.owner_id
     """,
+    gone="SELECT x.id FROM {app_opportunities} x JOIN {gone} g ON g.gong_opportunity_id = x.gong_opportunity_id",
     checks=(
         Check(level="warning", message="account not found; account_name is NULL",
-              sql="SELECT gong_opportunity_id, NULL FROM _build_rows WHERE account_name IS NULL"),
+              sql="SELECT gong_opportunity_id, NULL FROM {rows} WHERE account_name IS NULL"),
         Check(level="warning", message="owner not found; owner_email is NULL",
-              sql="SELECT gong_opportunity_id, NULL FROM _build_rows WHERE owner_email IS NULL"),
-        warning_check("amount is not a valid decimal; stored as NULL", "gong_opportunity_id", "amount"),
+              sql="SELECT gong_opportunity_id, NULL FROM {rows} WHERE owner_email IS NULL"),
+        warning_check("amount is not a valid decimal; stored as NULL", "gong_opportunity_id", "amount is not"),
+        warning_check("amount does not fit numeric(15,2); stored as NULL", "gong_opportunity_id", "amount does not"),
         warning_check("close_date cannot be parsed; stored as NULL", "gong_opportunity_id", "close_date"),
     ),
 )
@@ -102,12 +98,20 @@ ASSET = AssetSpec(
     description="Salesforce opportunities with stage, amount, close date, account name and owner email.",
     tags={"salesforce"},
     sources=(OPPORTUNITY, ACCOUNT, OWNER),
-    primary_key=("gong_opportunity_id",),
-    columns=COLUMNS,
-    build=BUILD,
-    indexes=(
-        Index(name="idx_opportunities_owner", definition="(owner_email, updated_at DESC)"),
-        Index(name="idx_opportunities_stage", definition="(stage, close_date)"),
-        Index(name="idx_opportunities_health", definition="(health_score) WHERE health_score IS NOT NULL"),
+    table="opportunities",
+    columns=(
+        col("gong_opportunity_id", TEXT),
+        col("name", TEXT),
+        col("stage", TEXT),
+        col("close_date", DATE),
+        col("amount", NUMERIC),
+        col("account_name", TEXT),
+        col("owner_email", TEXT),
+        col("health_score", NUMERIC),
+        col("metadata", JSONB),
+        col("updated_at", TIMESTAMPTZ, write="touch"),
     ),
+    source_key="gong_opportunity_id",
+    natural_key="gong_opportunity_id",
+    build=BUILD,
 )

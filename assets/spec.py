@@ -1,20 +1,53 @@
-"""Asset declarations: what each destination table is, never how it is produced."""
+"""Asset declarations: what each destination table is, never how it is produced.
+
+An asset fills one table of the application's schema (`assets/app_schema.py`). It lands its
+source tables, Gong-shaped, in the raw schema, and derives the app's rows from them with SQL that
+it owns. That SQL names what it reads and writes through slots, which the runtime fills with
+quoted identifiers and parameter placeholders (`psycopg.sql`); nothing else is pasted in:
+
+| slot | what the runtime puts there |
+|---|---|
+| `{call}` | the raw table of the input whose `slot` is `call` |
+| `{call_new}` | a subquery of that raw table's rows landed since this asset's last build |
+| `{app_calls}` | a table of the application's schema |
+| `{ids_speakers}` | the id map of an asset that keeps one (`id_map=True`) |
+| `{fn_uuid}`, `{fn_try_date}`, … | the pipeline's SQL functions (`FUNCTIONS`) |
+| `{setting_internal_email_domains}` | a parameter holding that setting's value |
+| `{rows}`, `{changed}`, `{gone}` | this build's rows, changed source keys, and source keys gone |
+| `{full}` | a boolean parameter: true when every row is being rebuilt |
+"""
 
 from __future__ import annotations
 
+import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from assets.app_schema import TABLES
 
 #: The Fivetran cursor column on every Gong table.
 FIVETRAN_SYNCED = "_fivetran_synced"
 
-#: SQL predicate a build uses to pick the raw rows that arrived since its last build of one input.
-#: `_dlt_load_id` is dlt's load id (a unix timestamp as text); compared as numeric because text
-#: comparison depends on the database collation. Every raw table has an index on this expression.
-LOADED_SINCE = "_dlt_load_id::numeric > %({table})s"
-
 DatasetKey = Literal["gong", "salesforce"]
+
+#: The pipeline's SQL functions (in its bookkeeping schema), as `{fn_<name>}` slots.
+FUNCTIONS = (
+    "uuid", "try_timestamptz", "try_date", "try_numeric", "try_integer", "try_jsonb", "name_from_email",
+)
+#: Slots every build has.
+BUILD_SLOTS = ("rows", "changed", "gone", "full")
+
+#: Postgres type names (as `format_type` prints them) a written column may have.
+TEXT = ("character varying", "text")
+TEXT_ARRAY = ("character varying[]", "text[]")
+INTEGER = ("integer", "bigint", "numeric")
+TIMESTAMP = ("timestamp without time zone",)
+TIMESTAMPTZ = ("timestamp with time zone",)
+UUID = ("uuid",)
+JSONB = ("jsonb",)
+BOOLEAN = ("boolean",)
+DATE = ("date",)
 
 
 class _Frozen(BaseModel):
@@ -22,10 +55,19 @@ class _Frozen(BaseModel):
 
 
 class Column(_Frozen):
+    """A column of the app table that the pipeline writes."""
+
     name: str
-    pg_type: str
-    #: Set to now() when the row is inserted or changes; left out of the change comparison.
-    touched: bool = False
+    #: Types the app's column may have (the first is the one APP_SCHEMA.md declares).
+    types: tuple[str, ...]
+    #: `always`: from the build, whenever the row changes. `first`: when the pipeline first
+    #: writes the row (an adopted row gets it only while it is NULL). `touch`: now(), whenever
+    #: another written column changes.
+    write: Literal["always", "first", "touch"] = "always"
+
+
+def col(name: str, types: tuple[str, ...], write: Literal["always", "first", "touch"] = "always") -> Column:
+    return Column(name=name, types=types, write=write)
 
 
 class SourceTable(_Frozen):
@@ -44,27 +86,28 @@ class SourceTable(_Frozen):
     #: When `dataset` does not exist, read the same table from this one instead (logged).
     fallback_dataset: DatasetKey | None = None
     #: When `dataset` does not exist and there is no fallback: an empty raw table with these
-    #: columns stands in, so the build's joins find nothing instead of failing.
-    stand_in: tuple[Column, ...] = ()
+    #: columns (name → Postgres type) stands in, so the build's joins find nothing.
+    stand_in: tuple[tuple[str, str], ...] = ()
     #: A valid source row; rows that fail it go to the dead-letter table and are not landed.
     row_model: type[BaseModel] | None = None
+    #: The name build SQL knows this table by (`{call}`, `{call_new}`); default: the table.
+    slot: str = ""
+    #: Column lists the builds look raw rows up by (each gets an index on the raw table).
+    lookups: tuple[tuple[str, ...], ...] = ()
 
     @property
     def raw_table(self) -> str:
         """Name of the landing table in the raw schema: dataset key and source table."""
         return f"{self.dataset}__{self.table}"
 
-
-class Index(_Frozen):
-    """A secondary index on the destination table; `definition` is what follows `ON table`."""
-
-    name: str
-    definition: str
+    @property
+    def slot_name(self) -> str:
+        return self.slot or self.table
 
 
 class Check(_Frozen):
     """A data-quality rule logged after a build: `sql` selects `(key, detail)` of offending rows,
-    reading `_build_rows` (the rows this build wrote) and, through `{raw}`, the raw tables."""
+    reading `{rows}` (the rows this build wrote) and any other slot."""
 
     level: Literal["warning", "error"]
     message: str
@@ -76,42 +119,92 @@ def warning_check(message: str, key: str, prefix: str) -> Check:
     return Check(
         level="warning",
         message=message,
-        sql=f"SELECT {key}, w FROM _build_rows, jsonb_array_elements_text(metadata->'warnings') w "
-            f"WHERE w LIKE '{prefix}%%'",
+        sql=f"SELECT {key}, w FROM {{rows}}, jsonb_array_elements_text(metadata->'warnings') w "
+            f"WHERE starts_with(w, '{prefix}')",
     )
 
 
-class Build(_Frozen):
-    """How the destination table is derived from raw tables, in SQL run inside Postgres.
+def slots_of(text: str) -> set[str]:
+    """The slot names a piece of build SQL uses."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 
-    `rows` selects the destination columns, in declaration order, for every live row.
-    `changed_keys` selects the destination primary keys whose inputs changed since the last
-    build; it receives one parameter per input raw table, named after it, holding that table's
-    last built load id (see LOADED_SINCE). `{raw}` and `{dest}` stand for the two schemas.
+
+class Build(_Frozen):
+    """How the app's rows are derived from raw tables, in SQL run inside Postgres.
+
+    - `rows` selects, for every live source row, the app row: its identity (`id`), every written
+      column, and the source key columns.
+    - `changed` selects the source keys whose inputs landed since the last build (`{x_new}`).
+    - `gone` selects the identity of app rows whose source keys are in `{gone}` (changed, but no
+      longer built): those rows are deleted, after the guard.
+    - `rejects` (optional) selects `(row_key, primary_key jsonb, row jsonb, reason)` of source rows
+      the build leaves out on purpose; they go to dead letters.
+    - `after` statements run last, in the same transaction (derived values of other tables).
     """
 
-    inputs: tuple[str, ...]
+    inputs: tuple[SourceTable, ...]
     rows: str
-    changed_keys: str
+    changed: str
+    gone: str = ""
+    rejects: str = ""
     checks: tuple[Check, ...] = ()
+    after: tuple[str, ...] = ()
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return (self.rows, self.changed, self.gone, self.rejects, *(c.sql for c in self.checks), *self.after)
+
+    @model_validator(mode="after")
+    def _known_slots(self) -> Build:
+        inputs = {s.slot_name for s in self.inputs}
+        if len(inputs) != len(self.inputs):
+            raise ValueError("two inputs of one build share a slot name")
+        for text in self.texts:
+            for slot in slots_of(text):
+                if not _known_slot(slot, inputs):
+                    raise ValueError(f"unknown slot {{{slot}}} in build SQL")
+        return self
+
+
+def _known_slot(slot: str, inputs: set[str]) -> bool:
+    kind, _, rest = slot.partition("_")
+    return (
+        slot in BUILD_SLOTS
+        or slot in inputs
+        or (slot.endswith("_new") and slot[:-4] in inputs)
+        or (kind == "app" and rest in TABLES)
+        or (kind == "fn" and rest in FUNCTIONS)
+        or (kind == "ids" and bool(rest))
+        or (kind == "setting" and bool(rest))
+    )
 
 
 class AssetSpec(_Frozen):
-    """One node of the asset graph: a destination table, its sources and its upstream assets."""
+    """One node of the asset graph: an app table, its sources and its upstream assets."""
 
     name: str
     description: str = ""
     deps: tuple[str, ...] = ()
     tags: frozenset[str] = frozenset()
     sources: tuple[SourceTable, ...] = ()
-    primary_key: tuple[str, ...]
+    #: The table of the application's schema this asset fills.
+    table: str
+    #: The columns it writes (besides the identity, which it writes once).
     columns: tuple[Column, ...]
+    #: What identifies an app row: its uuid, or the primary key of a table without one.
+    identity: tuple[str, ...] = ("id",)
+    #: Columns of `rows` and `changed` that identify a source row (need not be app columns).
+    source_key: tuple[str, ...]
+    #: App columns that match an existing row to its source row; must be unique in the table.
+    natural_key: tuple[str, ...]
     build: Build
-    indexes: tuple[Index, ...] = ()
-    #: Extra parameters the build SQL reads from settings, by setting name.
-    build_settings: tuple[str, ...] = ()
+    #: False for tables the pipeline never deletes from (the app's accounts).
+    deletes: bool = True
+    #: Keep a map from source key to uuid: for rows whose natural key can change (a speaker's
+    #: email), so that a uuid, once given, stays with its source row.
+    id_map: bool = False
 
-    @field_validator("deps", "primary_key", mode="before")
+    @field_validator("deps", "identity", "source_key", "natural_key", mode="before")
     @classmethod
     def _tuple(cls, value: object) -> object:
         return (value,) if isinstance(value, str) else value
@@ -121,9 +214,15 @@ class AssetSpec(_Frozen):
     def _tags(cls, value: object) -> object:
         return frozenset([value]) if isinstance(value, str) else value
 
-    @property
-    def table(self) -> str:
-        return self.name
+    @model_validator(mode="after")
+    def _consistent(self) -> AssetSpec:
+        if self.table not in TABLES:
+            raise ValueError(f"asset {self.name}: table {self.table!r} is not in the application's schema")
+        names = {c.name for c in self.columns}
+        missing = [k for k in self.natural_key if k not in names and k not in self.identity]
+        if missing:
+            raise ValueError(f"asset {self.name}: natural key column(s) {missing} are not written")
+        return self
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -131,18 +230,13 @@ class AssetSpec(_Frozen):
 
     @property
     def built_columns(self) -> tuple[str, ...]:
-        """The columns the build SQL selects: all but those stamped by the runtime."""
-        return tuple(c.name for c in self.columns if not c.touched)
+        """The written columns the build SQL selects: all but those stamped by the runtime."""
+        return tuple(c.name for c in self.columns if c.write != "touch")
 
-
-def columns(**types: str) -> tuple[Column, ...]:
-    """Columns in keyword order: `columns(id="text", title="text")`."""
-    return tuple(Column(name=name, pg_type=pg_type) for name, pg_type in types.items())
-
-
-def since(source: SourceTable, alias: str) -> str:
-    """SQL: the raw row (as `alias`) arrived since this build's last look at its table."""
-    return f"{alias}." + LOADED_SINCE.format(table=source.raw_table)
+    @property
+    def settings(self) -> set[str]:
+        """Setting names the build SQL reads (`{setting_<name>}`)."""
+        return {s.removeprefix("setting_") for t in self.build.texts for s in slots_of(t) if s.startswith("setting_")}
 
 
 def live(alias: str, source: SourceTable) -> str:
@@ -150,17 +244,10 @@ def live(alias: str, source: SourceTable) -> str:
     return " AND ".join(f"NOT coalesce({alias}.{flag}, false)" for flag in source.deleted_flags) or "true"
 
 
-def replica_build(source: SourceTable, cols: tuple[Column, ...], casts: dict[str, str] | None = None) -> Build:
-    """The build of a table that mirrors one source table's live rows, column for column."""
-    casts = casts or {}
-    select = ", ".join(
-        f's."{c.name}"::{casts[c.name]} AS "{c.name}"' if c.name in casts else f's."{c.name}"' for c in cols
-    )
-    pk = ", ".join(f'"{k}"' for k in source.primary_key)
-    since = LOADED_SINCE.format(table=source.raw_table)
-    return Build(
-        inputs=(source.raw_table,),
-        rows=f"SELECT {select} FROM {{raw}}.{source.raw_table} s WHERE {live('s', source)}",
-        changed_keys=f"SELECT {pk} FROM {{raw}}.{source.raw_table} WHERE {since}",
-    )
+def optional(alias: str, column: str, cast: str = "") -> str:
+    """SQL reading a column a source table may lack: NULL when it is not there.
 
+    `to_jsonb(alias)` holds whatever columns the raw table has; `->>` gives text, cast as asked.
+    """
+    text = f"(to_jsonb({alias}) ->> '{column}')"
+    return f"{text}::{cast}" if cast else text

@@ -1,26 +1,85 @@
-"""`transcripts`: one row per monologue of a call, from `gongio_ft.transcript`."""
+"""`transcripts`: one app row per Gong monologue (`gongio_ft.transcript`), its sentences as text.
 
-from assets.spec import AssetSpec, SourceTable, columns, replica_build
+`text` is the sentences' text in order, joined by single spaces; `start_time_ms` the first
+sentence's start; `chunk_metadata` its start, end, duration and topic. A row of the call's other
+workspace (when two workspaces hold one call id) is left out with the call's loser.
+"""
 
-SOURCE = SourceTable(dataset="gong", table="transcript", primary_key=("call_id", "index", "workspace_id"))
+from assets.calls import CALL
+from assets.speakers import SPEAKER
+from assets.spec import INTEGER, JSONB, TEXT, TEXT_ARRAY, UUID, AssetSpec, Build, SourceTable, col
 
-COLUMNS = columns(
-    call_id="text",
-    index="bigint",
-    workspace_id="text",
-    speaker_id="text",
-    topic="text",
-    sentence="jsonb",
-    _fivetran_synced="timestamptz",
+TRANSCRIPT = SourceTable(
+    dataset="gong", table="transcript", primary_key=("call_id", "index", "workspace_id"),
+    lookups=(("call_id", "speaker_id"),),
+)
+
+# `sentence` is parsed once per row; a value that is not a JSON array reads as no sentences.
+ROWS = """
+    SELECT coalesce(a.id, {fn_uuid}('transcripts', t.call_id || ':' || t.index)) AS id,
+           c.id AS call_id,
+           sp.id AS speaker_id,
+           t.index::integer AS sequence_number,
+           {fn_try_integer}(js.s -> 0 ->> 'start') AS start_time_ms,
+           coalesce((SELECT string_agg(e ->> 'text', ' ' ORDER BY n)
+                     FROM jsonb_array_elements(js.s) WITH ORDINALITY x (e, n)
+                     WHERE e ->> 'text' IS NOT NULL), '') AS text,
+           CASE WHEN nullif(t.topic, '') IS NULL THEN ARRAY[]::varchar[] ELSE ARRAY[t.topic]::varchar[] END AS topics,
+           jsonb_build_object(
+               'start_ms', js.s -> 0 -> 'start',
+               'end_ms', js.s -> -1 -> 'end',
+               'duration_ms', {fn_try_numeric}(js.s -> -1 ->> 'end') - {fn_try_numeric}(js.s -> 0 ->> 'start'),
+               'topic', t.topic
+           ) AS chunk_metadata,
+           t.call_id AS gong_call_id
+    FROM {transcript} t
+    JOIN {app_calls} c ON c.gong_call_id = t.call_id
+                      AND coalesce(c.metadata ->> 'workspace_id', t.workspace_id) = t.workspace_id
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN jsonb_typeof(j) = 'array' THEN j ELSE '[]'::jsonb END AS s
+        FROM (SELECT {fn_try_jsonb}(t.sentence::text) AS j) p
+    ) js
+    LEFT JOIN {ids_speakers} m ON m.gong_call_id = t.call_id AND m.gong_speaker_id = t.speaker_id
+    LEFT JOIN {app_speakers} sp ON sp.id = m.id
+    LEFT JOIN {app_transcripts} a ON a.call_id = c.id AND a.sequence_number = t.index
+    WHERE NOT coalesce(t._fivetran_deleted, false)
+"""
+
+BUILD = Build(
+    inputs=(TRANSCRIPT, CALL, SPEAKER),
+    rows=ROWS,
+    # A monologue changes when it lands again, when its call does (a new call uuid, the
+    # winning workspace), or when its speaker does (the speaker's uuid it points at).
+    changed="""
+        SELECT t.call_id AS gong_call_id, t.index::integer AS sequence_number FROM {transcript_new} t
+        UNION SELECT t.call_id, t.index::integer FROM {transcript} t JOIN {call_new} c ON c.id = t.call_id
+        UNION SELECT t.call_id, t.index::integer FROM {transcript} t
+              JOIN {call_speaker_new} s ON s.call_id = t.call_id AND s.id = t.speaker_id
+    """,
+    gone="""
+        SELECT a.id FROM {gone} g
+        JOIN {app_calls} c ON c.gong_call_id = g.gong_call_id
+        JOIN {app_transcripts} a ON a.call_id = c.id AND a.sequence_number = g.sequence_number
+    """,
 )
 
 ASSET = AssetSpec(
     name="transcripts",
-    description="Call transcripts: one row per monologue, its sentences as a JSON array.",
-    deps=("calls",),
+    description="Call transcripts: one row per monologue with its text, speaker, start time and topic.",
+    deps=("calls", "speakers"),
     tags={"gong"},
-    sources=(SOURCE,),
-    primary_key=("call_id", "index", "workspace_id"),
-    columns=COLUMNS,
-    build=replica_build(SOURCE, COLUMNS, casts={"sentence": "jsonb"}),
+    sources=(TRANSCRIPT,),
+    table="transcripts",
+    columns=(
+        col("call_id", UUID),
+        col("speaker_id", UUID),
+        col("sequence_number", INTEGER),
+        col("start_time_ms", INTEGER),
+        col("text", TEXT),
+        col("topics", TEXT_ARRAY),
+        col("chunk_metadata", JSONB),
+    ),
+    source_key=("gong_call_id", "sequence_number"),
+    natural_key=("call_id", "sequence_number"),
+    build=BUILD,
 )

@@ -1,4 +1,8 @@
-"""Derived builds: turn raw landed rows into a destination table, incrementally, in Postgres."""
+"""Builds: derive an app table's rows from the raw tables, incrementally, in Postgres, in place.
+
+App tables are upserted, never truncated or re-created: a row keeps its identity (uuid) for as
+long as its source row lives, and the app's own tables hang off it with ON DELETE CASCADE.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +14,90 @@ from decimal import Decimal
 import psycopg
 from psycopg import sql
 
+from assets import ALL_ASSETS
+from assets.app_schema import TABLES
 from assets.errors import BuildError
-from assets.spec import AssetSpec
+from assets.spec import FUNCTIONS, AssetSpec, slots_of
+from runtime.deletes import DeleteGuard, delete_rows
 from runtime.postgres import Catalog, table_exists
 from runtime.settings import Settings
+
+log = logging.getLogger("gong_sync.build")
+
+#: Example keys a check logs; the count says how many there were in all.
+CHECK_EXAMPLES = 5
+#: The build's temp tables (dropped at commit), behind the `{rows}`, `{changed}`, `{gone}` slots.
+ROWS, CHANGED, GONE = (sql.Identifier(n) for n in ("_gs_rows", "_gs_changed", "_gs_gone"))
+
+_ID_MAPS = {spec.name for spec in ALL_ASSETS if spec.id_map}
+# Every setting a build reads must exist: checked here, when the runtime first loads.
+for _spec in ALL_ASSETS:
+    for _name in _spec.settings - set(Settings.model_fields):
+        raise RuntimeError(f"asset {_spec.name}: build SQL reads unknown setting {_name!r}")
+    for _text in _spec.build.texts:
+        for _slot in (s for s in slots_of(_text) if s.startswith("ids_")):
+            if _slot.removeprefix("ids_") not in _ID_MAPS:
+                raise RuntimeError(f"asset {_spec.name}: {{{_slot}}} names an asset without an id map")
 
 
 @dataclass
 class BuildResult:
-    """What one build changed in the destination table."""
+    """What one build changed in the app table."""
 
     upserted: int = 0
     deleted: int = 0
     full: bool = False
+    #: Rows of other tables that went with the deletes: `schema.table` → rows.
+    cascade: dict[str, int] = field(default_factory=dict)
+    #: Source rows the build left out on purpose, now in dead letters.
+    rejected: int = 0
     loaded_through: dict[str, str] = field(default_factory=dict)
     #: (level, message, number of rows, a few example keys) per check that found rows.
     checks: list[tuple[str, str, int, list[str]]] = field(default_factory=list)
 
 
-#: Example keys a check logs; the count says how many there were in all.
-CHECK_EXAMPLES = 5
-log = logging.getLogger("gong_sync.build")
+@dataclass
+class BuildSql:
+    """An asset's build SQL with its slots filled, and the parameters its placeholders take."""
+
+    catalog: Catalog
+    spec: AssetSpec
+    params: dict[str, object]
+
+    def __call__(self, text: str) -> sql.Composed:
+        slots: dict[str, sql.Composable] = {"rows": ROWS, "changed": CHANGED, "gone": GONE,
+                                            "full": sql.Placeholder("full")}
+        for source in self.spec.build.inputs:
+            raw = self.catalog.raw_table(source.raw_table)
+            slots[source.slot_name] = raw
+            slots[f"{source.slot_name}_new"] = sql.SQL("(SELECT * FROM {} WHERE _dlt_load_id::numeric > {})").format(
+                raw, sql.Placeholder(f"w_{source.slot_name}")
+            )
+        slots.update({f"app_{t}": self.catalog.dest_table(t) for t in TABLES})
+        slots.update({f"fn_{f}": self.catalog.function(f) for f in FUNCTIONS})
+        slots.update({f"ids_{a}": self.catalog.id_map(a) for a in _ID_MAPS})
+        slots.update({f"setting_{s}": sql.Placeholder(f"s_{s}") for s in self.spec.settings})
+        return sql.SQL(text).format(**slots)
+
+    def run(self, conn: psycopg.Connection, text: str | sql.Composable, **extra: object) -> psycopg.Cursor:
+        """Execute build SQL (or a statement wrapping it); only the parameters it names are sent."""
+        query = self(text) if isinstance(text, str) else text
+        names = _placeholders(query)
+        return conn.execute(query, {k: v for k, v in {**self.params, **extra}.items() if k in names})
 
 
-def _run_checks(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, params: dict) -> list:
+def _placeholders(query: sql.Composable) -> set[str]:
+    if isinstance(query, sql.Placeholder):
+        return {query._obj}
+    if isinstance(query, sql.Composed):
+        return set().union(*(_placeholders(part) for part in query._obj))
+    return set()
+
+
+def _run_checks(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql) -> list:
     found = []
     for check in spec.build.checks:
-        rows = conn.execute(sql.SQL(check.sql).format(**fmt), params).fetchall()
+        rows = build.run(conn, check.sql).fetchall()
         if not rows:
             continue
         examples = [f"{key} ({detail})" if detail else str(key) for key, detail in rows[:CHECK_EXAMPLES]]
@@ -49,34 +110,36 @@ def _run_checks(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, params: di
     return found
 
 
-def _keys(spec: AssetSpec) -> sql.Composable:
-    return sql.SQL(", ").join(map(sql.Identifier, spec.primary_key))
+def _names(columns) -> sql.Composable:  # noqa: ANN001
+    return sql.SQL(", ").join(map(sql.Identifier, columns))
 
 
-def _key_match(spec: AssetSpec, left: str, right: str) -> sql.Composable:
+def match(columns, left: str, right: str) -> sql.Composable:  # noqa: ANN001
+    """`left.c = right.c AND …` over `columns`."""
     return sql.SQL(" AND ").join(
-        sql.SQL("{}.{} = {}.{}").format(sql.Identifier(left), sql.Identifier(k), sql.Identifier(right), sql.Identifier(k))
-        for k in spec.primary_key
+        sql.SQL("{}.{} = {}.{}").format(sql.Identifier(left), sql.Identifier(c), sql.Identifier(right), sql.Identifier(c))
+        for c in columns
     )
 
 
-def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, settings: Settings, *, full: bool) -> BuildResult:
-    """Bring the destination table up to date with the raw tables, in one transaction.
+def build_asset(
+    conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, settings: Settings, *, full: bool,
+    guard: DeleteGuard, run_id: str | None = None,
+) -> BuildResult:
+    """Bring the app table up to date with the raw tables, in one transaction.
 
-    Only rows whose inputs arrived since the last build are recomputed (`changed_keys`); the
-    first build and a full refresh recompute all and drop destination rows with no live input.
-    The per-input watermark moves in the same transaction, so a crash before commit leaves the
-    next build to redo the work, and one after it leaves nothing undone.
+    Only rows whose inputs arrived since the last build are recomputed (`changed`); the first
+    build and a full refresh recompute all and delete app rows with no live source row. The
+    per-input watermark moves in the same transaction, so a crash before commit leaves the next
+    build to redo the work, and one after it leaves nothing undone.
     """
-    missing = [t for t in spec.build.inputs if not table_exists(conn, catalog.raw_name, t)]
+    missing = [s.raw_table for s in spec.build.inputs if not table_exists(conn, catalog.raw_name, s.raw_table)]
     if missing:
         raise BuildError(
             f"{spec.name}: raw table(s) {', '.join(f'{catalog.raw_name}.{t}' for t in missing)} not landed yet; "
             f"materialize its upstream first (--asset +{spec.name})"
         )
-    dest = catalog.dest_table(spec.table)
-    fmt = {"raw": catalog.raw, "dest": catalog.dest}
-    rows_sql = sql.SQL(spec.build.rows).format(**fmt)
+    app = catalog.dest_table(spec.table)
     result = BuildResult()
     # One snapshot for the whole build: the watermark read and the rows built agree.
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -88,32 +151,46 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
             ).fetchone()
             result.full = full or previous is None
             current = {
-                t: conn.execute(
-                    sql.SQL("SELECT coalesce(max(_dlt_load_id::numeric), 0)::text FROM {}").format(catalog.raw_table(t))
+                s.raw_table: conn.execute(
+                    sql.SQL("SELECT coalesce(max(_dlt_load_id::numeric), 0)::text FROM {}").format(
+                        catalog.raw_table(s.raw_table)
+                    )
                 ).fetchone()[0]
-                for t in spec.build.inputs
+                for s in spec.build.inputs
             }
-            params: dict[str, object] = {s: list(v) if isinstance(v := getattr(settings, s), tuple) else v for s in spec.build_settings}
-            conn.execute("DROP VIEW IF EXISTS _build_rows")
-            conn.execute("DROP TABLE IF EXISTS _build_rows, _build_changed")
-            empty = result.full and not conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(dest)).fetchone()[0]
-            if empty:
+            seen = previous[0] if previous and not result.full else {}
+            params: dict[str, object] = {
+                f"w_{s.slot_name}": Decimal(seen.get(s.raw_table, "0")) for s in spec.build.inputs
+            }
+            params.update({f"s_{s}": list(v) if isinstance(v := getattr(settings, s), tuple) else v for s in spec.settings})
+            params["full"] = result.full
+            build = BuildSql(catalog, spec, params)
+            conn.execute("DROP TABLE IF EXISTS _gs_rows, _gs_changed, _gs_gone")
+            empty = result.full and not conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(app)).fetchone()[0]
+            if empty and not spec.id_map and not spec.build.checks:
                 # First build into an empty table: one INSERT … SELECT, no staging copy, nothing to
-                # compare or delete. Checks read the freshly written rows through a view.
-                result.upserted = _insert_all(conn, spec, dest, rows_sql, params)
-                conn.execute(sql.SQL("CREATE TEMP VIEW _build_rows AS SELECT * FROM {}").format(dest))
-            elif result.full:
-                conn.execute(sql.SQL("CREATE TEMP TABLE _build_rows ON COMMIT DROP AS {}").format(rows_sql), params)
-                conn.execute("ANALYZE _build_rows")
+                # compare or delete.
+                result.upserted = _insert(conn, spec, app, build, build(spec.build.rows))
+                _stage_changed(conn, spec, build, none=True)
             else:
-                params.update({t: Decimal(previous[0].get(t, "0")) for t in spec.build.inputs})
-                stage_changed_rows(conn, spec, fmt, params)
-            result.checks = _run_checks(conn, spec, fmt, params)
-            if empty:
-                conn.execute("DROP VIEW _build_rows")
-            else:
-                result.upserted = _upsert(conn, spec, dest)
-                result.deleted = _delete_dropped(conn, spec, dest, full=result.full)
+                _stage_rows(conn, spec, build, full=result.full)
+                result.checks = _run_checks(conn, spec, build)
+                result.upserted = _update(conn, spec, app) + _insert(
+                    conn, spec, app, build, sql.SQL("SELECT * FROM {}").format(ROWS))
+                if spec.id_map:
+                    conn.execute(
+                        sql.SQL("INSERT INTO {} ({keys}, id) SELECT {keys}, id FROM {} ON CONFLICT DO NOTHING").format(
+                            catalog.id_map(spec.name), ROWS, keys=_names(spec.source_key)
+                        )
+                    )
+                if spec.deletes and not empty:
+                    deleted = delete_rows(conn, catalog, spec, _gone_query(conn, spec, app, build, full=result.full),
+                                          build, guard)
+                    result.deleted, result.cascade = deleted.rows, deleted.cascade
+            if spec.build.rejects:
+                result.rejected = _dead_letter_rejects(conn, catalog, spec, build, run_id)
+            for statement in spec.build.after:
+                build.run(conn, statement)
             conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (asset, loaded_through, built_at) VALUES (%s, %s, now())"
@@ -124,104 +201,131 @@ def build_asset(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, set
             result.loaded_through = current
     except psycopg.errors.UndefinedColumn as exc:
         raise BuildError(f"{spec.name}: build SQL names a column the raw tables lack: {exc.diag.message_primary}") from None
-    except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedTable, psycopg.errors.DatatypeMismatch) as exc:
-        raise BuildError(f"{spec.name}: build failed: {exc.diag.message_primary}") from None
+    except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedTable, psycopg.errors.DatatypeMismatch,
+            psycopg.errors.IntegrityError) as exc:
+        raise BuildError(f"{spec.name}: build failed: {type(exc).__name__}: {exc.diag.message_primary}") from None
     finally:
         conn.isolation_level = None
     return result
 
 
-def stage_changed_rows(conn: psycopg.Connection, spec: AssetSpec, fmt: dict, params: dict) -> None:
-    """Temp tables of the keys whose inputs changed since the watermarks (`_build_changed`) and of
-    their rows as built now (`_build_rows`), analyzed: without statistics Postgres guesses their
-    sizes from nothing, and the statements that read them (checks, upsert, delete) plan on a guess.
-    """
-    changed = sql.SQL(spec.build.changed_keys).format(**fmt)
-    # Name the key columns as the destination does, whatever the declaration called them.
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE _build_changed ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) k ({})").format(
-            changed, _keys(spec)
-        ),
-        params,
-    )
+def _stage_changed(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *, none: bool = False) -> None:
+    """`{changed}`: the source keys whose inputs landed since the last build (none: an empty one)."""
+    build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) k ({}) {}").format(
+        CHANGED, build(spec.build.changed), _names(spec.source_key), sql.SQL("LIMIT 0" if none else "")
+    ))
     # Before the rows are built: knowing the changed keys are few, Postgres fetches their rows by
-    # primary key instead of hashing the whole raw table (11k of 857k speakers: 0.6 s -> 0.2 s).
-    conn.execute("ANALYZE _build_changed")
-    conn.execute(
-        sql.SQL("CREATE TEMP TABLE _build_rows ON COMMIT DROP AS SELECT r.* FROM ({}) r JOIN _build_changed USING ({})").format(
-            sql.SQL(spec.build.rows).format(**fmt), _keys(spec)
-        ),
-        params,
+    # key instead of hashing whole raw tables.
+    conn.execute(sql.SQL("ANALYZE {}").format(CHANGED))
+
+
+def _stage_rows(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *, full: bool) -> None:
+    """`{rows}` (the app rows as built now) and `{changed}`, analyzed: without statistics Postgres
+    guesses their sizes from nothing, and the statements that read them plan on a guess."""
+    rows = build(spec.build.rows)
+    if full:
+        build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS {}").format(ROWS, rows))
+        conn.execute(
+            sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT {} FROM {}").format(
+                CHANGED, _names(spec.source_key), ROWS
+            )
+        )
+    else:
+        _stage_changed(conn, spec, build)
+        build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT r.* FROM ({}) r JOIN {} USING ({})").format(
+            ROWS, rows, CHANGED, _names(spec.source_key)
+        ))
+    # One source row, one app row: should two claim one identity (two Gong speakers of a call
+    # adopting the same earlier row), the first by source key keeps it and the other is logged.
+    doubles = conn.execute(
+        sql.SQL("DELETE FROM {r} a USING {r} b WHERE {m} AND ({ka}) > ({kb})").format(
+            r=ROWS, m=match(spec.identity, "a", "b"),
+            ka=sql.SQL(", ").join(sql.SQL("a.{}").format(sql.Identifier(k)) for k in spec.source_key),
+            kb=sql.SQL(", ").join(sql.SQL("b.{}").format(sql.Identifier(k)) for k in spec.source_key),
+        )
+    ).rowcount
+    if doubles:
+        log.warning("%s: %d source row(s) map to an app row another source row already has; left out", spec.name, doubles)
+    conn.execute(sql.SQL("ANALYZE {}").format(ROWS))
+
+
+def _columns(spec: AssetSpec) -> tuple[list[str], list[str], list[str]]:
+    """(always, first, touch) columns, identity left out."""
+    of = lambda kind: [c.name for c in spec.columns if c.write == kind and c.name not in spec.identity]  # noqa: E731
+    return of("always"), of("first"), of("touch")
+
+
+def _insert(conn: psycopg.Connection, spec: AssetSpec, app: sql.Composable, build: BuildSql,
+            rows: sql.Composable) -> int:
+    """Insert the built rows the app table does not have yet."""
+    always, first, touch = _columns(spec)
+    built = [*spec.identity, *always, *first]
+    query = sql.SQL("INSERT INTO {app} ({cols}) SELECT {vals} FROM ({rows}) r WHERE NOT EXISTS "
+                    "(SELECT 1 FROM {app} t WHERE {m})").format(
+        app=app, rows=rows, m=match(spec.identity, "t", "r"),
+        cols=_names([*built, *touch]),
+        vals=sql.SQL(", ").join([*(sql.SQL("r.{}").format(sql.Identifier(c)) for c in built),
+                                 *(sql.SQL("now()") for _ in touch)]),
     )
-    conn.execute("ANALYZE _build_rows")
+    return build.run(conn, query).rowcount
 
 
-def _insert_all(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable, rows_sql: sql.Composable,
-                params: dict) -> int:
-    built = [sql.Identifier(c) for c in spec.built_columns]
-    touched = [sql.Identifier(c.name) for c in spec.columns if c.touched]
+def _update(conn: psycopg.Connection, spec: AssetSpec, app: sql.Composable) -> int:
+    """Update app rows whose built values differ; an identical row is not rewritten.
+
+    `first` columns are filled only while NULL (processed_at); `touch` columns are stamped with
+    now() and kept out of the comparison, so they move only when something else does.
+    """
+    always, first, touch = _columns(spec)
+    if not always and not first:
+        return 0
+    t = lambda c: sql.SQL("t.{}").format(sql.Identifier(c))  # noqa: E731
+    r = lambda c: sql.SQL("r.{}").format(sql.Identifier(c))  # noqa: E731
+    sets = [sql.SQL("{} = r.{}").format(sql.Identifier(c), sql.Identifier(c)) for c in always]
+    sets += [sql.SQL("{} = coalesce(t.{}, r.{})").format(*(sql.Identifier(c),) * 3) for c in first]
+    sets += [sql.SQL("{} = now()").format(sql.Identifier(c)) for c in touch]
+    differs = [sql.SQL("({}) IS DISTINCT FROM ({})").format(sql.SQL(", ").join(map(t, always)),
+                                                          sql.SQL(", ").join(map(r, always)))] if always else []
+    differs += [sql.SQL("t.{} IS NULL").format(sql.Identifier(c)) for c in first]
     return conn.execute(
-        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM ({}) r").format(
-            dest,
-            sql.SQL(", ").join(built + touched),
-            sql.SQL(", ").join([*(sql.SQL("r.{}").format(c) for c in built), *(sql.SQL("now()") for _ in touched)]),
-            rows_sql,
-        ),
-        params,
+        sql.SQL("UPDATE {} t SET {} FROM {} r WHERE {} AND ({})").format(
+            app, sql.SQL(", ").join(sets), ROWS, match(spec.identity, "t", "r"), sql.SQL(" OR ").join(differs)
+        )
     ).rowcount
 
 
-def _upsert(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable) -> int:
-    """Insert new rows and update changed ones; an identical row is left alone (not rewritten).
-
-    `touched` columns (updated_at) are stamped with now() and kept out of the comparison, so they
-    move only when something else in the row does.
-    """
-    built = [sql.Identifier(c) for c in spec.built_columns]
-    touched = [sql.Identifier(c.name) for c in spec.columns if c.touched]
-    non_key = [sql.Identifier(c) for c in spec.built_columns if c not in spec.primary_key]
-    if non_key:
-        conflict = sql.SQL("DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})").format(
-            sql.SQL(", ").join(
-                [sql.SQL("{} = EXCLUDED.{}").format(c, c) for c in non_key]
-                + [sql.SQL("{} = now()").format(c) for c in touched]
-            ),
-            sql.SQL(", ").join(sql.SQL("d.{}").format(c) for c in non_key),
-            sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(c) for c in non_key),
-        )
-    else:
-        conflict = sql.SQL("DO NOTHING")
-    cur = conn.execute(
-        sql.SQL("INSERT INTO {} AS d ({}) SELECT {} FROM _build_rows ON CONFLICT ({}) {}").format(
-            dest,
-            sql.SQL(", ").join(built + touched),
-            sql.SQL(", ").join([*built, *(sql.SQL("now()") for _ in touched)]),
-            _keys(spec),
-            conflict,
-        )
-    )
-    return cur.rowcount
-
-
-def _delete_dropped(conn: psycopg.Connection, spec: AssetSpec, dest: sql.Composable, *, full: bool) -> int:
-    """Remove destination rows whose input is gone or soft-deleted."""
-    return conn.execute(delete_dropped_query(spec, dest, full=full)).rowcount
-
-
-def delete_dropped_query(spec: AssetSpec, dest: sql.Composable, *, full: bool) -> sql.Composed:
-    """The DELETE of destination rows with no live row in `_build_rows` (among the changed keys
-    unless `full`).
-
-    Incremental: the keys that changed but built no row are a set difference, computed once
-    (hashed or sorted) and then found in the destination by its primary key. A NOT EXISTS per
-    changed destination row left the choice to the planner's estimate of a multi-column join,
-    which it puts at one row: it then scanned `_build_rows` once per changed key (11k speakers:
-    3.4 s, whatever the statistics).
-    """
+def _gone_query(conn: psycopg.Connection, spec: AssetSpec, app: sql.Composable, build: BuildSql, *,
+                full: bool) -> sql.Composable:
+    """The identities of app rows to delete: whose source rows are gone or soft-deleted."""
     if full:
-        return sql.SQL("DELETE FROM {} d WHERE NOT EXISTS (SELECT 1 FROM _build_rows r WHERE {})").format(
-            dest, _key_match(spec, "r", "d")
+        return sql.SQL("SELECT {} FROM {} t WHERE NOT EXISTS (SELECT 1 FROM {} r WHERE {})").format(
+            sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in spec.identity),
+            app, ROWS, match(spec.identity, "r", "t"),
         )
-    return sql.SQL(
-        "DELETE FROM {} d USING (SELECT {keys} FROM _build_changed EXCEPT SELECT {keys} FROM _build_rows) g WHERE {}"
-    ).format(dest, _key_match(spec, "g", "d"), keys=_keys(spec))
+    # `{gone}`: keys that changed but built no row. A set difference, computed once (a NOT EXISTS
+    # per key was planned as a loop over the built rows per changed key).
+    conn.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {k} FROM {} EXCEPT SELECT {k} FROM {}").format(
+        GONE, CHANGED, ROWS, k=_names(spec.source_key)
+    ))
+    conn.execute(sql.SQL("ANALYZE {}").format(GONE))
+    return build(spec.build.gone)
+
+
+def _dead_letter_rejects(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, build: BuildSql,
+                         run_id: str | None) -> int:
+    """Source rows the build leaves out on purpose go to dead letters with their reason (new or
+    changed ones counted); they leave once the build takes them again."""
+    source = spec.build.inputs[0]
+    written = build.run(conn, sql.SQL(
+        "INSERT INTO {dl} AS d (asset, source_table, row_key, primary_key, row, errors, run_id)"
+        " SELECT {asset}, {table}, k, pk, r, jsonb_build_array(jsonb_build_object('error', reason)), {run}"
+        " FROM ({rejects}) x (k, pk, r, reason)"
+        " ON CONFLICT (asset, source_table, row_key) DO UPDATE SET row = EXCLUDED.row, errors = EXCLUDED.errors,"
+        " run_id = EXCLUDED.run_id, created_at = now() WHERE d.row IS DISTINCT FROM EXCLUDED.row"
+    ).format(
+        dl=catalog.dead_letters, asset=sql.Placeholder("dl_asset"), table=sql.Placeholder("dl_table"),
+        run=sql.Placeholder("dl_run"), rejects=build(spec.build.rejects),
+    ), dl_asset=spec.name, dl_table=source.table, dl_run=run_id).rowcount
+    if written:
+        log.warning("%s: %d source row(s) left out by the build are in dead_letters with their reason", spec.name, written)
+    return written

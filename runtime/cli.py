@@ -26,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-changes", action="store_true",
                    help="print every schema change the pipeline saw or made, and exit")
     p.add_argument("--full-refresh", action="store_true",
-                   help="forget the selected assets' checkpoints and reload them from scratch")
+                   help="re-read the selected assets' sources from scratch and reconcile the app tables in place")
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help="let this run delete more than MASS_DELETE_MAX_SHARE of an app table (rows the source lost)")
     p.add_argument("--replay-dead-letters", action="store_true",
                    help="re-validate the selected assets' dead letters, land the rows that now pass, and exit")
     p.add_argument("--demo", action="store_true",
@@ -79,7 +81,7 @@ def print_schema_changes(out=sys.stdout) -> int:  # noqa: ANN001
     url = settings.postgres_url()
     check_connection(url)
     with psycopg.connect(url) as conn:
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{settings.destination_schema}".schema_changes',))
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{settings.sync_schema}".schema_changes',))
         if not exists.fetchone()[0]:
             out.write("no schema changes recorded yet\n")
             return 0
@@ -114,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from runtime.flow import RunFailed, RunReport, sync_flow
 
     state = sync_flow(
-        assets=[str(selection)], full_refresh=args.full_refresh, log_format=args.log_format,
+        assets=[str(selection)], full_refresh=args.full_refresh, allow_mass_delete=args.allow_mass_delete,
+        log_format=args.log_format,
         show_progress=sys.stderr.isatty(), return_state=True,
     )
     # Prefect's flow-run span ends after the flow returns: send it, and the metrics, now.

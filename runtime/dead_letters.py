@@ -31,6 +31,7 @@ from assets.spec import AssetSpec, SourceTable
 from graph import AssetGraph
 from runtime.build import build_asset
 from runtime.load import open_pipeline
+from runtime.deletes import DeleteGuard
 from runtime.postgres import Catalog, secure_raw_table
 from runtime.retry import with_retries
 from runtime.session import Session
@@ -229,7 +230,7 @@ def _build(spec: AssetSpec, settings: Settings, session: Session, catalog: Catal
         for source in spec.sources:
             if _raw_exists(conn, catalog, source.raw_table):
                 secure_raw_table(conn, catalog, source)
-        return build_asset(conn, catalog, spec, settings, full=False)
+        return build_asset(conn, catalog, spec, settings, full=False, guard=DeleteGuard.of(settings))
 
 
 def _remove(session: Session, ids: list[int]) -> None:

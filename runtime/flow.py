@@ -27,6 +27,7 @@ from observability.logs import LoggingHook, trace_url, use_json_lines
 from observability.metrics import MetricsHook, setup_metrics
 from observability.tracing import TracingHook, setup_tracing
 from runtime.artifacts import RunArtifacts
+from runtime.deletes import DeleteGuard
 from runtime.load import Progress
 from runtime.materialize import RunContext, materialize_asset
 from runtime.run_records import SyncRunsRecorder
@@ -152,6 +153,7 @@ def execute(
     assets: list[str] | str,
     *,
     full_refresh: bool = False,
+    allow_mass_delete: bool = False,
     settings: Settings | None = None,
     hooks: Hook | None = None,
     progress: Progress | None = None,
@@ -185,6 +187,7 @@ def execute(
             settings=settings, url=session.url, clients=session.clients, pool=session.pool,
             catalog=session.catalog, hooks=hooks, run=run, graph=subgraph,
             full_refresh=frozenset(names) if full_refresh else frozenset(), progress=progress,
+            guard=DeleteGuard.of(settings, allowed=allow_mass_delete),
         )
         hooks.run_started(run)
         report.trace_id = run.trace_id
@@ -208,6 +211,7 @@ def execute(
 def sync_flow(
     assets: list[str] | None = None,
     full_refresh: bool = False,
+    allow_mass_delete: bool = False,
     log_format: str = "text",
     show_progress: bool = False,
 ) -> RunReport:
@@ -218,6 +222,7 @@ def sync_flow(
     report = execute(
         assets or ["*"],
         full_refresh=full_refresh,
+        allow_mass_delete=allow_mass_delete,
         hooks=default_hooks(json_logs=log_format == "json", extra=[progress] if progress else []),
         progress=progress.update if progress else None,
     )

@@ -194,8 +194,17 @@ def land(
         if where.stand_in:
             result.stand_ins.append(source)
             continue
-        readers[source.raw_table] = TableReader(clients, where.dataset, where.table)
-        fields = readers[source.raw_table].schema()  # fails naming the table when it does not exist
+        reader = TableReader(clients, where.dataset, where.table)
+        try:
+            fields = reader.schema()  # fails naming the table when it does not exist
+        except SourceTableMissing:
+            if not source.stand_in:
+                raise
+            # An optional table (not in every account's ERD): the build finds nothing in it.
+            log.warning("%s: source table %s does not exist: %s stays empty", spec.name, reader.ref, source.raw_table)
+            result.stand_ins.append(source)
+            continue
+        readers[source.raw_table] = reader
         if source.columns is not None:
             fields = [f for f in fields if f.name in source.columns]
         plans[source.raw_table] = evolve(source, fields) if evolve else SourcePlan()

@@ -17,6 +17,7 @@ from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook
 from runtime.bigquery import BigQueryClients
 from runtime.build import BuildResult, build_asset
+from runtime.deletes import DeleteGuard
 from runtime.load import LandResult, Progress, land
 from runtime.retry import with_retries
 from runtime.schema import SourcePlan, plan_source, record_changes
@@ -46,6 +47,7 @@ class RunContext:
     run: RunInfo
     graph: AssetGraph
     full_refresh: frozenset[str] = frozenset()
+    guard: DeleteGuard = DeleteGuard()
     progress: Progress | None = None
     outcomes: dict[str, AssetOutcome] = field(default_factory=dict)
 
@@ -76,6 +78,8 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
             built = with_retries(ctx.settings, f"{spec.name}: build", lambda: _build(ctx, spec, landed))
         outcome.rows_written = built.upserted
         outcome.rows_deleted = built.deleted
+        outcome.cascade = built.cascade
+        outcome.rows_dead_lettered += built.rejected
         outcome.status = "success"
         outcome.step = None
     except SyncError as exc:
@@ -112,7 +116,8 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
                 else:
                     secure_raw_table(conn, ctx.catalog, source)
         with ctx.hooks.step(ctx.run, spec.name, "build_table", table=spec.table):
-            return build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh)
+            return build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh,
+                               guard=ctx.guard, run_id=ctx.run.run_id)
 
 
 def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:
@@ -144,9 +149,10 @@ def _log_failure(ctx: RunContext, outcome: AssetOutcome) -> None:
 def _recorded_checkpoint(ctx: RunContext, asset: str) -> dict[str, str | None]:
     with ctx.pool.connection() as conn:
         row = conn.execute(
-            sql.SQL("SELECT last_checkpoint FROM {} WHERE entity_type = %s").format(ctx.catalog.sync_status), (asset,)
+            sql.SQL("SELECT error_details -> 'checkpoints' FROM {} WHERE entity_type = %s").format(ctx.catalog.sync_status),
+            (asset,),
         ).fetchone()
-    return row[0] if row and row[0] else {}
+    return row[0] if row and isinstance(row[0], dict) else {}
 
 
 def _record_status(ctx: RunContext, outcome: AssetOutcome) -> None:
@@ -161,8 +167,10 @@ def _record_status(ctx: RunContext, outcome: AssetOutcome) -> None:
                 checkpoint=outcome.checkpoint_after or None,
                 items=outcome.rows_synced,
                 errors=outcome.errors,
-                status="success" if outcome.status == "success" else "failed",
-                message=outcome.error,
+                # partial: the asset ran, and some rows are in dead letters instead of the app.
+                status="failed" if outcome.status != "success" else "partial" if outcome.errors else "success",
+                details={"error": outcome.error, "dead_letters": outcome.rows_dead_lettered,
+                         "deleted": outcome.rows_deleted, "cascade": outcome.cascade},
             )
 
     try:

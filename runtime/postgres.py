@@ -13,7 +13,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from assets.errors import CredentialError, TransientError
-from assets.spec import AssetSpec, Column, SourceTable
+from assets.spec import AssetSpec, SourceTable
 from runtime.settings import Settings
 
 log = logging.getLogger("gong_sync.postgres")
@@ -78,13 +78,20 @@ def open_pool(url: str, settings: Settings) -> ConnectionPool:
 
 
 class Catalog:
-    """Names of the project's schemas and bookkeeping tables, quoted once."""
+    """Names of the project's schemas and tables, quoted once.
+
+    `dest` is the application's schema (the contract tables), `raw` the Gong-shaped replicas,
+    `sync` the pipeline's own bookkeeping: nothing of the pipeline's lives in the app's schema
+    but the contract tables.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.raw = sql.Identifier(settings.raw_schema)
         self.dest = sql.Identifier(settings.destination_schema)
+        self.sync = sql.Identifier(settings.sync_schema)
         self.raw_name = settings.raw_schema
         self.dest_name = settings.destination_schema
+        self.sync_name = settings.sync_schema
 
     def raw_table(self, name: str) -> sql.Composed:
         return sql.SQL("{}.{}").format(self.raw, sql.Identifier(name))
@@ -92,21 +99,32 @@ class Catalog:
     def dest_table(self, name: str) -> sql.Composed:
         return sql.SQL("{}.{}").format(self.dest, sql.Identifier(name))
 
+    def sync_table(self, name: str) -> sql.Composed:
+        return sql.SQL("{}.{}").format(self.sync, sql.Identifier(name))
+
+    def function(self, name: str) -> sql.Composed:
+        """One of the pipeline's SQL functions (`assets.spec.FUNCTIONS`)."""
+        return sql.SQL("{}.{}").format(self.sync, sql.Identifier(f"gs_{name}"))
+
+    def id_map(self, asset: str) -> sql.Composed:
+        return self.sync_table(f"{asset}_ids")
+
     @property
     def watermarks(self) -> sql.Composed:
-        return self.raw_table("_asset_watermarks")
+        return self.sync_table("asset_watermarks")
 
     @property
     def sync_status(self) -> sql.Composed:
+        """The app's own table: one row per asset."""
         return self.dest_table("sync_status")
 
     @property
     def dead_letters(self) -> sql.Composed:
-        return self.dest_table("dead_letters")
+        return self.sync_table("dead_letters")
 
     @property
     def schema_changes(self) -> sql.Composed:
-        return self.dest_table("schema_changes")
+        return self.sync_table("schema_changes")
 
 
 #: Lenient casts the build SQL uses: NULL instead of an error for a value that does not parse.
@@ -122,43 +140,64 @@ _TRY_CASTS: dict[str, tuple[str, str | None]] = {
     "gs_try_numeric": ("numeric", r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"),
     "gs_try_jsonb": ("jsonb", None),
 }
+# Postgres 16 and later tell whether a text parses without raising (`pg_input_is_valid`): a plain
+# SQL function, which the planner inlines. Before 16 an exception block does it, at the price of
+# a subtransaction per call.
+_TRY_CAST_16 = (
+    "CREATE OR REPLACE FUNCTION {schema}.{name}(value text) RETURNS {type} LANGUAGE sql STABLE AS $$"
+    " SELECT CASE WHEN value IS NULL OR NOT coalesce(value ~ {pattern}, true) THEN NULL"
+    " WHEN NOT pg_input_is_valid(value, {type_name}) THEN NULL ELSE value::{type} END $$"
+)
 _TRY_CAST = (
     "CREATE OR REPLACE FUNCTION {schema}.{name}(value text) RETURNS {type} LANGUAGE plpgsql STABLE AS $$"
     " BEGIN IF {pattern} IS NOT NULL AND value !~ {pattern} THEN RETURN NULL; END IF; RETURN value::{type};"
     " EXCEPTION WHEN others THEN RETURN NULL; END $$"
 )
+#: The other functions build SQL calls (`{fn_uuid}`, …): plain SQL, inlined by the planner.
+_FUNCTIONS = (
+    # A uuid derived from the natural key: a rebuild gives the same id.
+    "CREATE OR REPLACE FUNCTION {schema}.gs_uuid(namespace text, key text) RETURNS uuid LANGUAGE sql IMMUTABLE"
+    " AS $$ SELECT md5(namespace || ':' || key)::uuid $$",
+    # george.coyne@example.com -> George Coyne; NULL unless there is a local part.
+    "CREATE OR REPLACE FUNCTION {schema}.gs_name_from_email(email text) RETURNS text LANGUAGE sql IMMUTABLE"
+    " AS $$ SELECT CASE WHEN position('@' in email) > 1 THEN nullif(initcap(btrim(regexp_replace("
+    " split_part(email, '@', 1), '[._+-]+', ' ', 'g'))), '') END $$",
+    # Whole numbers that fit an integer column; others are NULL.
+    "CREATE OR REPLACE FUNCTION {schema}.gs_try_integer(value text) RETURNS integer LANGUAGE sql STABLE"
+    " AS $$ SELECT CASE WHEN abs({schema}.gs_try_numeric(value)) < 2147483647.5"
+    " THEN round({schema}.gs_try_numeric(value))::integer END $$",
+)
 
 
-def create_try_casts(conn: psycopg.Connection, catalog: Catalog) -> None:
+def create_functions(conn: psycopg.Connection, catalog: Catalog) -> None:
+    modern = conn.info.server_version >= 160000
     for name, (result, pattern) in _TRY_CASTS.items():
         conn.execute(
-            sql.SQL(_TRY_CAST).format(
-                schema=catalog.raw, name=sql.Identifier(name), type=sql.SQL(result), pattern=sql.Literal(pattern)
+            sql.SQL(_TRY_CAST_16 if modern else _TRY_CAST).format(
+                schema=catalog.sync, name=sql.Identifier(name), type=sql.SQL(result),
+                pattern=sql.Literal(pattern), type_name=sql.Literal(result),
             )
         )
+    for text in _FUNCTIONS:
+        conn.execute(sql.SQL(text).format(schema=catalog.sync))
 
 
-def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[AssetSpec]) -> None:
-    """Create schemas, bookkeeping tables and the selected destination tables, before any run.
+def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, id_maps: Iterable[AssetSpec]) -> None:
+    """Create the raw and bookkeeping schemas, their tables and functions, before any run.
 
     Done once, serially: parallel dlt pipelines creating the same schema race on CREATE SCHEMA.
+    The application's tables are the contract's business (`runtime/contract.py`).
     """
     with conn.transaction():
-        for schema in (catalog.raw, catalog.dest):
+        # Another session may be doing the same at this moment; one at a time.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.prepare'))")
+        for schema in (catalog.raw, catalog.sync):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (asset text PRIMARY KEY, loaded_through jsonb NOT NULL,"
                 " built_at timestamptz NOT NULL DEFAULT now())"
             ).format(catalog.watermarks)
-        )
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (entity_type text PRIMARY KEY, last_checkpoint jsonb,"
-                " items_synced bigint NOT NULL DEFAULT 0, error_count integer NOT NULL DEFAULT 0,"
-                " status text NOT NULL CHECK (status IN ('success', 'failed')), message text,"
-                " finished_at timestamptz NOT NULL DEFAULT now())"
-            ).format(catalog.sync_status)
         )
         conn.execute(
             sql.SQL(
@@ -176,16 +215,20 @@ def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[
                 " UNIQUE (asset, table_name, column_name, change, old_type, new_type))"
             ).format(catalog.schema_changes)
         )
-        # Another session may be replacing the functions at this moment; one at a time.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.try_casts'))")
-        create_try_casts(conn, catalog)
-        for spec in specs:
-            create_destination_table(conn, catalog, spec)
+        for spec in id_maps:
+            keys = [sql.SQL("{} text NOT NULL").format(sql.Identifier(k)) for k in spec.source_key]
+            conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, id uuid NOT NULL UNIQUE, PRIMARY KEY ({}))").format(
+                    catalog.id_map(spec.name), sql.SQL(", ").join(keys),
+                    sql.SQL(", ").join(map(sql.Identifier, spec.source_key)),
+                )
+            )
+        create_functions(conn, catalog)
 
 
-def create_stand_in(conn: psycopg.Connection, catalog: Catalog, table: str, cols: Iterable[Column]) -> None:
+def create_stand_in(conn: psycopg.Connection, catalog: Catalog, table: str, cols: Iterable[tuple[str, str]]) -> None:
     """An empty raw table for a source whose dataset this warehouse does not have."""
-    defs = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in cols]
+    defs = [sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(pg_type)) for name, pg_type in cols]
     defs.append(sql.SQL("_dlt_load_id text NOT NULL"))
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(catalog.raw_table(table), sql.SQL(", ").join(defs)))
 
@@ -207,18 +250,6 @@ def record_dead_letters(
             for key, pk, row, errors in rejects
         ],
     )
-
-
-def create_destination_table(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec) -> None:
-    """The destination table with its real primary key (dlt would create none) and indexes."""
-    cols = [sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in spec.columns]
-    cols.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(map(sql.Identifier, spec.primary_key))))
-    table = catalog.dest_table(spec.table)
-    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, sql.SQL(", ").join(cols)))
-    for index in spec.indexes:
-        conn.execute(
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} " + index.definition).format(sql.Identifier(index.name), table)
-        )
 
 
 def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceTable) -> None:
@@ -256,6 +287,13 @@ def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceT
                 sql.Identifier(f"{source.raw_table}__load_id"[:63]), ref
             )
         )
+        for columns in source.lookups:  # the builds look rows up by these
+            conn.execute(
+                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                    sql.Identifier(f"{source.raw_table}__{'_'.join(columns)}"[:63]), ref,
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                )
+            )
 
 
 def table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:
@@ -278,17 +316,26 @@ def record_sync_status(
     items: int,
     errors: int,
     status: str,
-    message: str | None = None,
+    details: dict,
 ) -> None:
-    """One row per asset for people and dashboards: last checkpoint, rows, errors, status."""
+    """The asset's row of the app's `sync_status`: its checkpoint, rows, errors and status.
+
+    `last_sync_timestamp` is the asset's checkpoint: the earliest of its source tables' cursors
+    (every source row up to it has been synced). It is NOT NULL in the app: before any checkpoint
+    exists it keeps the row's previous value, or the Unix epoch. Each table's own cursor is in
+    `error_details.checkpoints`.
+    """
+    values = [v for v in (checkpoint or {}).values() if v]
     conn.execute(
         sql.SQL(
-            "INSERT INTO {} AS s (entity_type, last_checkpoint, items_synced, error_count, status, message, finished_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, now())"
+            "INSERT INTO {} AS s (entity_type, last_sync_timestamp, last_sync_status, items_synced, errors_count,"
+            " error_details, updated_at) VALUES (%s, coalesce(%s::timestamptz, 'epoch'), %s, %s, %s, %s, now())"
             " ON CONFLICT (entity_type) DO UPDATE SET"
-            " last_checkpoint = coalesce(EXCLUDED.last_checkpoint, s.last_checkpoint),"
-            " items_synced = EXCLUDED.items_synced, error_count = EXCLUDED.error_count,"
-            " status = EXCLUDED.status, message = EXCLUDED.message, finished_at = EXCLUDED.finished_at"
+            " last_sync_timestamp = coalesce(%s::timestamptz, s.last_sync_timestamp),"
+            " last_sync_status = EXCLUDED.last_sync_status, items_synced = EXCLUDED.items_synced,"
+            " errors_count = EXCLUDED.errors_count, error_details = EXCLUDED.error_details,"
+            " updated_at = EXCLUDED.updated_at"
         ).format(catalog.sync_status),
-        (asset, json.dumps(checkpoint) if checkpoint else None, items, errors, status, message),
+        (asset, min(values) if values else None, status, items, errors,
+         json.dumps({**details, "checkpoints": checkpoint or {}}, default=str), min(values) if values else None),
     )

@@ -42,7 +42,7 @@ _DDL = """CREATE TABLE IF NOT EXISTS {} (
 
 
 def ensure_sync_runs(conn: psycopg.Connection, catalog: Catalog) -> None:
-    table = catalog.dest_table(TABLE)
+    table = catalog.sync_table(TABLE)
     conn.execute(sql.SQL(_DDL).format(table))
     conn.execute(
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (asset, finished_at DESC)").format(
@@ -86,7 +86,7 @@ class SyncRunsRecorder(Hook):
                     " rows_dead_lettered = EXCLUDED.rows_dead_lettered, schema_changes = EXCLUDED.schema_changes,"
                     " errors = EXCLUDED.errors, checkpoint = EXCLUDED.checkpoint, error = EXCLUDED.error,"
                     " trace_id = EXCLUDED.trace_id"
-                ).format(self.catalog.dest_table(TABLE)),
+                ).format(self.catalog.sync_table(TABLE)),
                 (
                     run.run_id, outcome.asset, str(run.flow_run_id) if run.flow_run_id else None, started, finished,
                     outcome.duration_s, outcome.status, outcome.rows_read, outcome.rows_loaded, outcome.rows_written,

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from assets import ALL_ASSETS
 from assets.errors import SyncError
 from graph import AssetGraph
 from runtime import bigquery
 from runtime.bigquery import BigQueryClients
+from runtime.contract import ensure_contract
 from runtime.postgres import Catalog, Endpoint, check_connection, explain_connect_error, open_pool, prepare_schemas
 from runtime.settings import Settings
 
@@ -75,7 +77,9 @@ def open_session(settings: Settings, graph: AssetGraph) -> Session:
         pool = open_pool(url, settings)
         catalog = Catalog(settings)
         with pool.connection() as conn:
-            prepare_schemas(conn, catalog, [graph.spec(n) for n in graph.names])
+            # The app's tables first: a database whose tables do not fit stops here, untouched.
+            ensure_contract(conn, catalog, [graph.spec(n) for n in graph.names])
+            prepare_schemas(conn, catalog, [s for s in ALL_ASSETS if s.id_map])
     except BaseException:
         lock_conn.close()
         clients.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from assets.errors import ConfigError, CredentialError
@@ -44,8 +44,16 @@ class Settings(BaseSettings):
     bigquery_emulator_host: str | None = None
     #: gRPC `host:port` of the emulator's Storage Read API.
     bigquery_storage_emulator_host: str | None = None
+    #: The application's schema: the contract tables the pipeline fills (APP_SCHEMA.md).
     destination_schema: str = "public"
+    #: Gong-shaped replicas of the source tables, and dlt's own state.
     raw_schema: str = "gong_raw"
+    #: The pipeline's bookkeeping: watermarks, id maps, dead letters, schema changes, run records.
+    sync_schema: str = "gong_sync"
+    #: A build that would delete more than this share of an app table holding at least
+    #: MASS_DELETE_MIN_ROWS rows deletes nothing and fails (`--allow-mass-delete` lets one run).
+    mass_delete_max_share: float = Field(default=0.05, ge=0, le=1)
+    mass_delete_min_rows: int = Field(default=100, ge=0)
     batch_size: int = Field(default=1000, ge=1)
     max_parallel: int = Field(default=4, ge=1, le=64)
     #: Tries after the first for transient failures, and the exponential backoff's base and cap (s).
@@ -82,11 +90,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL (the value is not shown)")
         return value
 
-    @field_validator("destination_schema", "raw_schema")
+    @field_validator("destination_schema")
     @classmethod
     def _pg_identifier(cls, value: str) -> str:
         if not PG_IDENTIFIER.match(value):
             raise ValueError("must be a plain Postgres identifier (letters, digits, underscore; at most 63)")
+        return value
+
+    @field_validator("raw_schema", "sync_schema")
+    @classmethod
+    def _lower_identifier(cls, value: str) -> str:
+        # dlt lands in the snake_case form of a name (GongRaw becomes gong_raw): ask for that form.
+        if not PG_IDENTIFIER.match(value) or value != value.lower():
+            raise ValueError(
+                "must be a lower-case Postgres identifier (letters, digits, underscore; at most 63), "
+                "the form it has in Postgres"
+            )
         return value
 
     @field_validator("gong_dataset", "salesforce_dataset", "email_table", "email_sender_table", "email_recipient_table")
@@ -102,6 +121,14 @@ class Settings(BaseSettings):
         if not BQ_PROJECT.match(value):
             raise ValueError("must be a BigQuery project id (lower case letters, digits, hyphens)")
         return value
+
+    @model_validator(mode="after")
+    def _distinct_schemas(self) -> "Settings":
+        names = {"DESTINATION_SCHEMA": self.destination_schema, "RAW_SCHEMA": self.raw_schema,
+                 "SYNC_SCHEMA": self.sync_schema}
+        if len({v.lower() for v in names.values()}) < len(names):
+            raise ValueError(f"{', '.join(names)} must name three different schemas")
+        return self
 
     @property
     def uses_emulator(self) -> bool:

@@ -1,0 +1,182 @@
+"""The application's tables, before any work: created in an empty database, checked in any other.
+
+Against a database where the app's migrations ran, every column the selected assets write must
+exist with a compatible type, the keys they upsert and adopt on must be unique, and no column
+they leave alone may be NOT NULL without a default. Every problem is reported at once, naming
+table, column, expected and found; the run stops with exit 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from assets import app_schema
+from assets.errors import ConfigError
+from assets.spec import INTEGER, JSONB, TEXT, TIMESTAMPTZ, AssetSpec, Column, col
+from runtime.postgres import Catalog
+
+log = logging.getLogger("gong_sync.contract")
+
+#: The app's `sync_status`, as the pipeline writes it (one row per asset, keyed by entity_type).
+SYNC_STATUS: tuple[Column, ...] = (
+    col("entity_type", TEXT),
+    col("last_sync_timestamp", TIMESTAMPTZ),
+    col("last_sync_status", TEXT),
+    col("items_synced", INTEGER),
+    col("errors_count", INTEGER),
+    col("error_details", JSONB),
+    col("updated_at", TIMESTAMPTZ),
+)
+
+
+class ContractError(ConfigError):
+    """The application's tables do not have the shape the pipeline writes; nothing was done."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the pipeline needs of one app table."""
+
+    table: str
+    columns: tuple[Column, ...]
+    #: Column sets that must be unique (the identity it upserts on, the key it adopts by).
+    unique: tuple[tuple[str, ...], ...]
+
+
+def expectations(specs: Iterable[AssetSpec]) -> list[Expected]:
+    """The contract tables a selection writes, and sync_status, which every asset writes."""
+    out = []
+    for spec in specs:
+        written = {c.name: c for c in spec.columns}
+        identity = tuple(written.get(k) or col(k, ("uuid",)) for k in spec.identity if k not in written)
+        unique = tuple(k for k in (spec.identity, spec.natural_key) if k)
+        out.append(Expected(spec.table, identity + spec.columns, tuple(dict.fromkeys(unique))))
+    out.append(Expected("sync_status", SYNC_STATUS, (("entity_type",),)))
+    return out
+
+
+def ensure_contract(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[AssetSpec]) -> None:
+    """Create the whole app schema in a database that has none of it; then check what is there."""
+    expected = expectations(specs)
+    with conn.transaction():
+        # Two runs starting on an empty database must not both create it.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.contract'))")
+        present = existing_tables(conn, catalog.dest_name)
+        if not present:
+            create_app_schema(conn, catalog)
+            return
+    problems: list[str] = []
+    for exp in expected:
+        if exp.table not in present:
+            problems.append(f"{catalog.dest_name}.{exp.table}: table missing (the application's migrations create it)")
+            continue
+        problems += check_table(conn, catalog, exp)
+    if problems:
+        raise ContractError(
+            f"the application's tables in schema {catalog.dest_name} do not match what the pipeline writes"
+            f" ({len(problems)} problem(s)); nothing was done:\n  " + "\n  ".join(problems)
+        )
+
+
+def existing_tables(conn: psycopg.Connection, schema: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = ANY(%s) AND c.relkind IN ('r', 'p')",
+        (schema, list(app_schema.TABLES)),
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def create_app_schema(conn: psycopg.Connection, catalog: Catalog) -> None:
+    """The contract, exactly as APP_SCHEMA.md: enums, tables, keys, FKs, defaults, indexes, triggers."""
+    app = catalog.dest
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(app))
+    for extension in app_schema.EXTENSIONS:
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(extension)))
+        except psycopg.Error as exc:
+            log.warning("extension %s not created (%s); the pipeline does not need it", extension,
+                        exc.diag.message_primary)
+    for name, labels in app_schema.ENUMS.items():
+        exists = conn.execute(
+            "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = %s AND t.typname = %s",
+            (catalog.dest_name, name),
+        ).fetchone()
+        if not exists:
+            conn.execute(
+                sql.SQL("CREATE TYPE {}.{} AS ENUM ({})").format(
+                    app, sql.Identifier(name), sql.SQL(", ").join(map(sql.Literal, labels))
+                )
+            )
+    for name, body in app_schema.TABLES.items():
+        conn.execute(sql.SQL("CREATE TABLE {} (" + body + ")").format(catalog.dest_table(name), app=app))
+    for name, (table, definition) in app_schema.INDEXES.items():
+        conn.execute(
+            sql.SQL("CREATE INDEX {} ON {} " + definition).format(sql.Identifier(name), catalog.dest_table(table))
+        )
+    for statement in app_schema.TRIGGERS:
+        conn.execute(sql.SQL(statement).format(app=app))
+    log.info("%s had none of the application's tables: created them (%d tables)", catalog.dest_name,
+             len(app_schema.TABLES))
+
+
+#: `character varying(255)` → `character varying`, `numeric(15,2)[]` → `numeric[]`.
+_TYPMOD = re.compile(r"\([^)]*\)")
+
+
+def check_table(conn: psycopg.Connection, catalog: Catalog, exp: Expected) -> list[str]:
+    where = f"{catalog.dest_name}.{exp.table}"
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef OR a.attidentity <> ''"
+        " OR a.attgenerated <> '' FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attnum > 0"
+        " AND NOT a.attisdropped",
+        (f'"{catalog.dest_name}"."{exp.table}"',),
+    ).fetchall()
+    found = {name: _TYPMOD.sub("", kind) for name, kind, _, _ in rows}
+    problems = []
+    for c in exp.columns:
+        if c.name not in found:
+            problems.append(f"{where}.{c.name}: column missing (expected {c.types[0]})")
+        elif found[c.name] not in c.types:
+            problems.append(f"{where}.{c.name}: expected {' or '.join(c.types)}, found {found[c.name]}")
+    written = {c.name for c in exp.columns}
+    for name, _, not_null, has_default in rows:
+        if not_null and not has_default and name not in written:
+            problems.append(
+                f"{where}.{name}: NOT NULL without a default, and the pipeline does not write it (inserts would fail)"
+            )
+    for key in exp.unique:
+        if all(k in found for k in key):
+            problems += _check_unique(conn, catalog, exp.table, key)
+    return problems
+
+
+def _check_unique(conn: psycopg.Connection, catalog: Catalog, table: str, key: tuple[str, ...]) -> list[str]:
+    """A unique index on exactly `key`, or else no two rows sharing one in the data."""
+    indexed = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique"
+        " AND i.indpred IS NULL AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a"
+        " WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = %s)",
+        (f'"{catalog.dest_name}"."{table}"', sorted(key)),
+    ).fetchone()[0]
+    if indexed:
+        return []
+    cols = sql.SQL(", ").join(map(sql.Identifier, key))
+    dupes = conn.execute(
+        sql.SQL("SELECT {cols}, count(*) FROM {t} GROUP BY {cols} HAVING count(*) > 1 LIMIT 3").format(
+            cols=cols, t=catalog.dest_table(table)
+        )
+    ).fetchall()
+    if not dupes:
+        return []
+    examples = "; ".join("(" + ", ".join(map(str, d[:-1])) + f") × {d[-1]}" for d in dupes)
+    return [
+        f"{catalog.dest_name}.{table}: ({', '.join(key)}) must identify one row, but rows share it, e.g. {examples}"
+    ]

@@ -1,0 +1,137 @@
+"""Deletes that protect the app's work: counted, reported, and stopped when unusually many.
+
+A source delete removes the app row, and the database cascades it into the app's own tables
+(coaching sessions, analyses, reviews). Before deleting, the rows that would go with it are
+counted in every table that references it, found from the catalog, as deep as the cascade goes.
+A build that would delete more than a set share of its table deletes nothing and fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from assets.errors import BuildError, PermanentError
+from assets.spec import AssetSpec
+from runtime.postgres import Catalog
+
+log = logging.getLogger("gong_sync.deletes")
+
+#: How deep the count follows cascades (app tables pointing at app tables pointing at …).
+MAX_DEPTH = 6
+_TO_DELETE = sql.Identifier("_gs_delete")
+
+
+class MassDeleteBlocked(PermanentError):
+    """A build would delete an unusual share of an app table; nothing was deleted."""
+
+
+@dataclass(frozen=True)
+class DeleteGuard:
+    """The mass-delete rule of one run (MASS_DELETE_MAX_SHARE, MASS_DELETE_MIN_ROWS, the flag)."""
+
+    max_share: float = 0.05
+    min_rows: int = 100
+    allowed: bool = False
+
+    @classmethod
+    def of(cls, settings, allowed: bool = False) -> DeleteGuard:  # noqa: ANN001 - Settings
+        return cls(max_share=settings.mass_delete_max_share, min_rows=settings.mass_delete_min_rows, allowed=allowed)
+
+    def blocks(self, deleting: int, total: int) -> bool:
+        return not self.allowed and total >= self.min_rows and deleting > self.max_share * total
+
+
+@dataclass
+class Deleted:
+    rows: int = 0
+    #: `schema.table` → rows deleted with them by a cascade; `schema.table.column set NULL` → rows.
+    cascade: dict[str, int] = field(default_factory=dict)
+
+
+def delete_rows(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, gone: sql.Composable,
+                build: Callable, guard: DeleteGuard) -> Deleted:
+    """Delete the app rows `gone` selects (by identity), after counting and guarding."""
+    keys = sql.SQL(", ").join(map(sql.Identifier, spec.identity))
+    build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) g ({})").format(
+        _TO_DELETE, gone, keys
+    ))
+    result = Deleted()
+    deleting = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(_TO_DELETE)).fetchone()[0]
+    if not deleting:
+        return result
+    where = f"{catalog.dest_name}.{spec.table}"
+    app = catalog.dest_table(spec.table)
+    rows = sql.SQL("SELECT t.* FROM {} t JOIN {} d USING ({})").format(app, _TO_DELETE, keys)
+    result.cascade = count_cascade(conn, catalog.dest_name, spec.table, rows)
+    going = ", ".join(f"{table} {n}" for table, n in sorted(result.cascade.items())) or "nothing else"
+    total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(app)).fetchone()[0]
+    if guard.blocks(deleting, total):
+        raise MassDeleteBlocked(
+            f"{spec.name}: would delete {deleting} of {total} rows ({deleting / total:.1%}) of {where}, more than"
+            f" MASS_DELETE_MAX_SHARE ({guard.max_share:.0%}); with them would go: {going}. Nothing was deleted."
+            f" If the source really lost these rows, allow it for one run:"
+            f" materialize --asset {spec.name} --allow-mass-delete"
+        )
+    result.rows = conn.execute(
+        sql.SQL("DELETE FROM {} t USING {} d WHERE {}").format(
+            app, _TO_DELETE,
+            sql.SQL(" AND ").join(sql.SQL("t.{k} = d.{k}").format(k=sql.Identifier(k)) for k in spec.identity),
+        )
+    ).rowcount
+    log.warning("%s: deleted %d row(s) of %s whose source rows are gone; with them went: %s",
+                spec.name, result.rows, where, going)
+    return result
+
+
+def _foreign_keys(conn: psycopg.Connection, schema: str, table: str) -> list[tuple]:
+    """(schema, table, on-delete action, referencing columns, referenced columns) of each FK to it."""
+    return conn.execute(
+        """SELECT n.nspname, r.relname, c.confdeltype,
+                  array(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k (num, i)
+                        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.num ORDER BY k.i),
+                  array(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k (num, i)
+                        JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.num ORDER BY k.i)
+           FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid JOIN pg_namespace n ON n.oid = r.relnamespace
+           WHERE c.contype = 'f' AND c.confrelid = %s::regclass
+           ORDER BY n.nspname, r.relname, c.conname""",
+        (f'"{schema}"."{table}"',),
+    ).fetchall()
+
+
+def count_cascade(conn: psycopg.Connection, schema: str, table: str, rows: sql.Composable,
+                  depth: int = 0, path: tuple[str, ...] = ()) -> dict[str, int]:
+    """Rows of every table that references `rows` of `schema.table`, following cascades down.
+
+    A reference that neither cascades nor sets NULL would make the delete fail: that is said
+    before anything is deleted, naming the table.
+    """
+    counts: dict[str, int] = {}
+    for child_schema, child, action, columns, referenced in _foreign_keys(conn, schema, table):
+        name = f"{child_schema}.{child}"
+        children = sql.SQL("SELECT ch.* FROM {}.{} ch WHERE ({}) IN (SELECT {} FROM ({}) p)").format(
+            sql.Identifier(child_schema), sql.Identifier(child),
+            sql.SQL(", ").join(sql.SQL("ch.{}").format(sql.Identifier(c)) for c in columns),
+            sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in referenced), rows,
+        )
+        n = conn.execute(sql.SQL("SELECT count(*) FROM ({}) x").format(children)).fetchone()[0]
+        if not n:
+            continue
+        if action == "c":
+            counts[name] = counts.get(name, 0) + n
+            if depth < MAX_DEPTH and name not in path:
+                for deeper, m in count_cascade(conn, child_schema, child, children, depth + 1, (*path, name)).items():
+                    counts[deeper] = counts.get(deeper, 0) + m
+        elif action in ("n", "d"):
+            label = f"{name}.{','.join(columns)} set {'NULL' if action == 'n' else 'to default'}"
+            counts[label] = counts.get(label, 0) + n
+        else:
+            raise BuildError(
+                f"cannot delete from {schema}.{table}: {n} row(s) of {name} still reference the rows and its"
+                f" foreign key ({', '.join(columns)}) does not cascade; nothing was deleted"
+            )
+    return counts
