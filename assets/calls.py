@@ -4,9 +4,14 @@ Gong ids are global and the app keys calls by Gong id alone: should a call id be
 workspaces, the row with the latest `_fivetran_synced` wins and the other goes to dead letters.
 """
 
-from assets.spec import JSONB, TEXT, DATE, INTEGER, TIMESTAMP, AssetSpec, Build, SourceTable, col
+from assets.spec import DATE, INTEGER, JSONB, TEXT, TIMESTAMP, AssetSpec, Build, Fit, SourceTable, col
 
-CALL = SourceTable(dataset="gong", table="call", primary_key=("id", "workspace_id"))
+CALL = SourceTable(
+    dataset="gong", table="call", primary_key=("id", "workspace_id"),
+    fits=(Fit(column="duration", kinds=("bigint",),
+              rule="duration_seconds is the value rounded half away from zero to whole seconds (NULL when it is "
+                   "not a number or does not fit an integer); the exact value is kept in metadata.duration"),),
+)
 
 #: Source fields that have a column of their own in the app row; every other field goes to
 #: `metadata`, so a new Gong column reaches the app with no DDL.
@@ -30,7 +35,7 @@ ROWS = """
            w.id AS gong_call_id,
            w.j ->> 'title' AS title,
            ({fn_try_timestamptz}(w.j ->> 'scheduled') AT TIME ZONE 'UTC') AS scheduled_at,
-           round({fn_try_numeric}(w.j ->> 'duration'))::integer AS duration_seconds,
+           {fn_try_integer}(w.j ->> 'duration') AS duration_seconds,
            w.j ->> 'purpose' AS call_type,
            now()::timestamp AS processed_at,
            jsonb_strip_nulls(w.j - ARRAY['id', 'title', 'scheduled', 'purpose', 'url', 'duration',

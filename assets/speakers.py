@@ -34,7 +34,7 @@ ROWS = """
                coalesce(u.email_address, p.email_address) AS email,
                coalesce(lower(split_part(coalesce(u.email_address, p.email_address), '@', 2))
                         = ANY({setting_internal_email_domains}), false) AS company_side,
-               round(s.talk_time)::integer AS talk_time_seconds,
+               round(s.talk_time::numeric)::integer AS talk_time_seconds,
                round(100 * s.talk_time::numeric / nullif(total.seconds, 0), 2) AS talk_time_percentage
         FROM {call_speaker} s
         JOIN {app_calls} c ON c.gong_call_id = s.call_id

@@ -70,6 +70,15 @@ def col(name: str, types: tuple[str, ...], write: Literal["always", "first", "to
     return Column(name=name, types=types, write=write)
 
 
+class Fit(_Frozen):
+    """A source column that feeds an app column of a fixed type: the kinds of source type that
+    fit it (`runtime/schema.py` kinds), and how a value of any other type is converted."""
+
+    column: str
+    kinds: tuple[str, ...]
+    rule: str
+
+
 class SourceTable(_Frozen):
     """One BigQuery table an asset reads, incrementally, into the raw schema."""
 
@@ -94,6 +103,8 @@ class SourceTable(_Frozen):
     slot: str = ""
     #: Column lists the builds look raw rows up by (each gets an index on the raw table).
     lookups: tuple[tuple[str, ...], ...] = ()
+    #: Source columns whose app column has a fixed type (the app's schema never changes).
+    fits: tuple[Fit, ...] = ()
 
     @property
     def raw_table(self) -> str:

@@ -140,6 +140,7 @@ class LoggingHook(Hook):
             rows_written=outcome.rows_written,
             rows_deleted=outcome.rows_deleted,
             rows_dead_lettered=outcome.rows_dead_lettered,
+            **({"cascade": outcome.cascade} if outcome.cascade else {}),
             schema_changes=outcome.schema_changes,
             duration_s=round(outcome.duration_s, 3),
             checkpoint=outcome.checkpoint or "-",

@@ -253,6 +253,8 @@ class TracingHook(Hook):
         })
         if outcome.checkpoint:
             span.set_attribute("asset.checkpoint", outcome.checkpoint)
+        # What went with the deletes, table by table (the app's coaching rows among them).
+        span.set_attributes({f"asset.cascade.{table}": n for table, n in outcome.cascade.items()})
         if outcome.status == "skipped":
             reason = redact(outcome.error or "upstream failed")
             span.set_attribute("asset.skip_reason", reason)

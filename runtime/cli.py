@@ -66,6 +66,9 @@ def print_summary(report, out=sys.stdout) -> None:  # noqa: ANN001
     for row in [header, *rows]:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
     for o in report.outcomes:
+        if o.cascade:
+            went = ", ".join(f"{table} {n}" for table, n in sorted(o.cascade.items()))
+            out.write(f"{o.asset}: {o.rows_deleted} deleted; with them went: {went}\n")
         if o.error:
             out.write(f"{o.asset}: {o.error}\n")
 

@@ -50,6 +50,30 @@ def _changes(client, project: str, round_no: int) -> list[str]:  # noqa: ANN001 
     ]
 
 
+def _show_app_tables(url: str, out) -> None:  # noqa: ANN001 - a text stream
+    """What the application now sees: its tables' row counts and one call as its API reads it."""
+    import psycopg
+
+    from assets.app_schema import TABLES
+    from runtime.settings import load_settings
+
+    schema = load_settings().destination_schema
+    with psycopg.connect(url) as conn:
+        counts = []
+        for table in TABLES:
+            query = psycopg.sql.SQL("SELECT count(*) FROM {}.{}").format(
+                psycopg.sql.Identifier(schema), psycopg.sql.Identifier(table)
+            )
+            counts.append(f"{table} {conn.execute(query).fetchone()[0]}")
+        out.write(f"demo: the app's tables in {schema}: {', '.join(counts)}\n")
+        call = conn.execute(psycopg.sql.SQL(
+            "SELECT c.gong_call_id, c.title, c.prefect_reps, count(t.*) FROM {}.calls c"
+            " LEFT JOIN {}.transcripts t ON t.call_id = c.id GROUP BY c.id ORDER BY c.scheduled_at DESC NULLS LAST LIMIT 1"
+        ).format(psycopg.sql.Identifier(schema), psycopg.sql.Identifier(schema))).fetchone()
+    if call:
+        out.write(f"demo: latest call {call[0]} {call[1]!r}: reps {', '.join(call[2]) or '-'}, {call[3]} monologues\n")
+
+
 def run_demo(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
     folder = Path(args.demo_dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +106,7 @@ def run_demo(args: argparse.Namespace, run: Callable[[argparse.Namespace], int])
         os.environ.setdefault("PIPELINES_DIR", str(folder / "pipelines"))
         out.flush()
         code = run(args)
+        _show_app_tables(os.environ["DATABASE_URL"], out)
         state["runs"] += 1
         state_file.write_text(json.dumps(state))
         return code

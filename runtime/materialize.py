@@ -20,7 +20,7 @@ from runtime.build import BuildResult, build_asset
 from runtime.deletes import DeleteGuard
 from runtime.load import LandResult, Progress, land
 from runtime.retry import with_retries
-from runtime.schema import SourcePlan, plan_source, record_changes
+from runtime.schema import SourcePlan, app_misfits, plan_source, record_changes
 from runtime.postgres import (
     Catalog,
     create_stand_in,
@@ -102,7 +102,14 @@ def _evolve(ctx: RunContext, spec: AssetSpec, source: SourceTable, fields: list,
     """Follow the source's schema: migrate widened columns, plan the rest, record every change."""
     with ctx.hooks.step(ctx.run, spec.name, "schema", table=source.raw_table), ctx.pool.connection() as conn:
         plan = plan_source(conn, ctx.catalog, spec.name, source.raw_table, fields)
+        misfits = app_misfits(source, fields)
+        for change, fit in misfits:
+            # Said on every run while it lasts: the app's column cannot follow the source's type.
+            log.warning("%s: %s.%s is now %s, which the app's column does not hold; %s", spec.name,
+                        source.table, fit.column, change.new_type, fit.rule)
         outcome.schema_changes += record_changes(conn, ctx.catalog, spec.name, source.raw_table, plan.changes)
+        outcome.schema_changes += record_changes(conn, ctx.catalog, spec.name, source.raw_table,
+                                                 [c for c, _ in misfits], warn=log.debug)
     return plan
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 from google.cloud.bigquery import SchemaField
 from psycopg import sql
 
+from assets.spec import Fit, SourceTable
 from runtime.postgres import Catalog, has_primary_key
 
 log = logging.getLogger("gong_sync.schema")
@@ -253,3 +254,15 @@ def record_changes(
                 f"{f' from {c.old_type}' if c.old_type else ''}{f' to {c.new_type}' if c.new_type else ''}; {c.action.replace('_', ' ')}"
             )
     return new
+
+
+def app_misfits(source: SourceTable, fields: list[SchemaField]) -> list[tuple[Change, Fit]]:
+    """Source columns whose BigQuery type no longer fits the app column they feed (`Fit`)."""
+    by_name = {f.name: f for f in fields}
+    out = []
+    for fit in source.fits:
+        field = by_name.get(fit.column)
+        if field is not None and bq_type(field).kind not in fit.kinds:
+            out.append((Change(fit.column, "app_type_mismatch", "/".join(fit.kinds), bq_type(field).kind,
+                               "converted"), fit))
+    return out

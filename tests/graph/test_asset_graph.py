@@ -6,19 +6,13 @@ import pytest
 
 from assets import ALL_ASSETS
 from assets.errors import ConfigError, GraphError, SelectionError
-from assets.spec import AssetSpec, Build, columns
+from assets.spec import AssetSpec
 from graph import AssetGraph, default_graph
 
 
 def spec(name: str, *deps: str, tags: tuple[str, ...] = ()) -> AssetSpec:
-    return AssetSpec(
-        name=name,
-        deps=deps,
-        tags=frozenset(tags),
-        primary_key=("id",),
-        columns=columns(id="text"),
-        build=Build(inputs=(), rows="SELECT 1", changed_keys="SELECT 1"),
-    )
+    """A fabricated node: a real declaration under another name, with other deps and tags."""
+    return ALL_ASSETS[0].model_copy(update={"name": name, "deps": deps, "tags": frozenset(tags)})
 
 
 # A diamond with a tail: a -> b, a -> c, (b, c) -> d, d -> e; plus a lone z.
@@ -35,13 +29,15 @@ def diamond() -> AssetGraph:
 
 def test_real_graph_levels() -> None:
     graph = AssetGraph(ALL_ASSETS)
+    # The graph follows the data: users -> speakers -> transcripts; calls -> speakers, transcripts.
     assert graph.levels() == [
         ["calls", "opportunities", "users"],
-        ["call_opportunities", "emails", "speakers", "transcripts"],
+        ["call_opportunities", "emails", "speakers"],
+        ["transcripts"],
     ]
     assert graph.level_of("users") == graph.level_of("calls") == graph.level_of("opportunities") == 0
-    assert graph.level_of("transcripts") == graph.level_of("speakers") == 1
-    assert graph.level_of("emails") == graph.level_of("call_opportunities") == 1
+    assert graph.level_of("speakers") == graph.level_of("emails") == graph.level_of("call_opportunities") == 1
+    assert graph.level_of("transcripts") == 2
 
 
 def test_real_graph_order_and_edges() -> None:
@@ -50,11 +46,11 @@ def test_real_graph_order_and_edges() -> None:
         "calls", "opportunities", "users", "call_opportunities", "emails", "speakers", "transcripts",
     )
     assert graph.upstream("speakers") == ("users", "calls")
-    assert graph.upstream("transcripts") == ("calls",)
+    assert graph.upstream("transcripts") == ("calls", "speakers")
     assert graph.upstream("call_opportunities") == ("calls", "opportunities")
     assert graph.ancestors("speakers") == {"users", "calls"}
     assert graph.descendants("calls") == {"transcripts", "speakers", "call_opportunities"}
-    assert graph.descendants("users") == {"speakers"}
+    assert graph.descendants("users") == {"speakers", "transcripts"}
     assert graph.descendants("opportunities") == {"emails", "call_opportunities"}
 
 
@@ -67,7 +63,7 @@ def test_real_graph_describe_rows() -> None:
         ("call_opportunities", ("calls", "opportunities"), 1),
         ("emails", ("opportunities",), 1),
         ("speakers", ("users", "calls"), 1),
-        ("transcripts", ("calls",), 1),
+        ("transcripts", ("calls", "speakers"), 2),
     ]
     assert rows[5].name == "speakers" and rows[5].upstream == ("users", "calls") and rows[5].level == 1
 

@@ -7,19 +7,13 @@ from pydantic import ValidationError
 
 from assets import ALL_ASSETS
 from assets.errors import ConfigError, SelectionError
-from assets.spec import AssetSpec, Build, columns
+from assets.spec import AssetSpec
 from graph import AssetGraph, Selection
 
 
 def spec(name: str, *deps: str, tags: tuple[str, ...] = ()) -> AssetSpec:
-    return AssetSpec(
-        name=name,
-        deps=deps,
-        tags=frozenset(tags),
-        primary_key=("id",),
-        columns=columns(id="text"),
-        build=Build(inputs=(), rows="SELECT 1", changed_keys="SELECT 1"),
-    )
+    """A fabricated node: a real declaration under another name, with other deps and tags."""
+    return ALL_ASSETS[0].model_copy(update={"name": name, "deps": deps, "tags": frozenset(tags)})
 
 
 @pytest.fixture
@@ -49,9 +43,9 @@ def select(graph: AssetGraph, text: str | list[str]) -> frozenset[str]:
         ("+speakers", {"speakers", "users", "calls"}),
         ("calls+", {"calls", "transcripts", "speakers", "call_opportunities"}),
         ("+emails", {"emails", "opportunities"}),
-        ("users+", {"users", "speakers"}),
-        ("+transcripts+", {"calls", "transcripts"}),
-        ("+users+", {"users", "speakers"}),
+        ("users+", {"users", "speakers", "transcripts"}),
+        ("+transcripts+", {"calls", "users", "speakers", "transcripts"}),
+        ("+users+", {"users", "speakers", "transcripts"}),
         ("*", {"users", "calls", "transcripts", "speakers", "opportunities", "emails", "call_opportunities"}),
         ("users,calls", {"users", "calls"}),
         ("tag:gong", {"users", "calls", "transcripts", "speakers", "emails", "call_opportunities"}),
@@ -69,7 +63,9 @@ def test_repeated_asset_options_are_a_union(real: AssetGraph) -> None:
 
 
 def test_resolve_ordered_follows_the_graph(real: AssetGraph) -> None:
-    assert Selection.parse("speakers,+transcripts").resolve_ordered(real) == ("calls", "speakers", "transcripts")
+    assert Selection.parse("speakers,+transcripts").resolve_ordered(real) == (
+        "calls", "users", "speakers", "transcripts",
+    )
     assert Selection.parse("+speakers").resolve_ordered(real) == ("calls", "users", "speakers")
 
 

@@ -1,9 +1,11 @@
-"""The heart of the pipeline, on real parts: full load, incremental runs, deletes, selections."""
+"""The heart of the pipeline, on real parts: the app's tables filled in full, then kept in step
+incrementally, in place, with ids that never change; selections and failures."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import pytest
 
@@ -11,7 +13,7 @@ from runtime.local.seed import CASES, insert_rows, seed_workspace, soft_delete, 
 from tests.helpers import outcome, sync
 
 LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
-GONG_TABLES = ["gong.users", "gong.call", "gong.transcript", "gong.call_speaker"]
+GONG_TABLES = ["gong.users", "gong.call", "gong.transcript", "gong.call_speaker", "gong.call_participant"]
 #: The core assets, whose source tables GONG_TABLES seeds.
 CORE = "users,calls,transcripts,speakers"
 
@@ -22,99 +24,142 @@ def seeded(env):
     return env
 
 
-def source(env, query: str) -> set[tuple]:
-    """Rows of a BigQuery query as a set of tuples; `{g}` is the Gong dataset."""
-    rows = env.bq.query(query.format(g=f"`{env.emulator.project}.{env.gong_dataset}`")).result()
-    return {tuple(r.values()) for r in rows}
+def source(env, table: str) -> list[dict]:
+    """Every row of a Gong source table, as BigQuery holds it."""
+    return [dict(r) for r in env.bq.query(f"SELECT * FROM `{env.gong(table)}`").result()]
 
 
-def dest(env, query: str) -> set[tuple]:
-    return set(env.rows(query))
+def live(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("_fivetran_deleted")]
 
 
-def live_calls(env) -> set[tuple]:
-    return source(env, "SELECT id, workspace_id, title, duration, started, _fivetran_synced FROM {g}.call "
-                       "WHERE NOT coalesce(_fivetran_deleted, false)")
+def winning_calls(env) -> dict[str, dict]:
+    """Gong id → the live call row the app keeps: the latest by _fivetran_synced per id."""
+    best: dict[str, dict] = {}
+    for r in sorted(live(source(env, "call")), key=lambda r: (-r["_fivetran_synced"].timestamp(), r["workspace_id"])):
+        best.setdefault(r["id"], r)
+    return best
+
+
+def expected_calls(env) -> set[tuple]:
+    return {
+        (gid, r["title"], r["scheduled"].replace(tzinfo=None) if r["scheduled"] else None, r["duration"], r["purpose"],
+         r["url"])
+        for gid, r in winning_calls(env).items()
+    }
+
+
+def actual_calls(env) -> set[tuple]:
+    return set(env.rows("SELECT gong_call_id, title, scheduled_at, duration_seconds, call_type, metadata ->> 'gong_url'"
+                        " FROM calls"))
+
+
+def name_from_email(email: str | None) -> str | None:
+    if not email or email.find("@") < 1:
+        return None
+    return re.sub(r"[._+-]+", " ", email.split("@")[0]).strip().title() or None
 
 
 def expected_speakers(env) -> set[tuple]:
-    """speakers computed independently, in BigQuery, from the two source tables."""
-    return source(env, """
-        SELECT s.id, s.call_id, s.user_id, u.email_address,
-               NULLIF(CONCAT(COALESCE(u.first_name, ''), ' ', COALESCE(u.last_name, '')), ' '),
-               u.title, LOWER(SPLIT(u.email_address, '@')[SAFE_OFFSET(1)]) = 'prefect.io'
-        FROM {g}.call_speaker s
-        LEFT JOIN (SELECT * FROM {g}.users WHERE NOT coalesce(_fivetran_deleted, false)) u ON u.id = s.user_id
-        WHERE NOT coalesce(s._fivetran_deleted, false)""")
+    """(gong call id, name, email, company side, talk seconds), derived in Python from the sources."""
+    users = {u["id"]: u for u in live(source(env, "users"))}
+    participants = {}
+    for p in sorted(live(source(env, "call_participant")), key=lambda p: p["id"]):
+        participants.setdefault((p["call_id"], p["speaker_id"]), p)
+    calls = winning_calls(env)
+    out = set()
+    for s in live(source(env, "call_speaker")):
+        if s["call_id"] not in calls:
+            continue
+        u, p = users.get(s["user_id"], {}), participants.get((s["call_id"], s["id"]), {})
+        email = u.get("email_address") or p.get("email_address") or None
+        full = " ".join(x for x in (u.get("first_name"), u.get("last_name")) if x)
+        name = full or p.get("name") or name_from_email(email) or f"Speaker {s['id']}"
+        side = bool(email) and email.split("@")[-1].lower() == CASES.internal_domain
+        out.add((s["call_id"], name, email, side, round(s["talk_time"]) if s["talk_time"] is not None else None))
+    return out
 
 
 def actual_speakers(env) -> set[tuple]:
-    return dest(env, "SELECT id, call_id, user_id, email, name, title, company_side FROM speakers")
+    return set(env.rows("SELECT c.gong_call_id, s.name, s.email, s.company_side, s.talk_time_seconds"
+                        " FROM speakers s JOIN calls c ON c.id = s.call_id"))
+
+
+def expected_transcripts(env) -> set[tuple]:
+    calls = winning_calls(env)
+    out = set()
+    for t in live(source(env, "transcript")):
+        if t["call_id"] in calls and calls[t["call_id"]]["workspace_id"] == t["workspace_id"]:
+            sentences = json.loads(t["sentence"]) if isinstance(t["sentence"], str) else t["sentence"]
+            out.add((t["call_id"], t["index"], " ".join(s["text"] for s in sentences), sentences[0]["start"]))
+    return out
+
+
+def actual_transcripts(env) -> set[tuple]:
+    return set(env.rows("SELECT c.gong_call_id, t.sequence_number, t.text, t.start_time_ms"
+                        " FROM transcripts t JOIN calls c ON c.id = t.call_id"))
 
 
 def assert_in_step(env) -> None:
-    assert dest(env, "SELECT id, workspace_id, title, duration, started, _fivetran_synced FROM calls") == live_calls(env)
-    assert dest(env, "SELECT id, email_address, first_name, last_name, active FROM users") == source(
-        env, "SELECT id, email_address, first_name, last_name, active FROM {g}.users WHERE NOT coalesce(_fivetran_deleted, false)"
-    )
-    src_transcripts = {
-        (c, i, w, json.dumps(json.loads(s), sort_keys=True))
-        for c, i, w, s in source(env, "SELECT call_id, `index`, workspace_id, TO_JSON_STRING(sentence) FROM {g}.transcript "
-                                      "WHERE NOT coalesce(_fivetran_deleted, false)")
-    }
-    dst_transcripts = {
-        (c, i, w, json.dumps(s, sort_keys=True))
-        for c, i, w, s in env.rows('SELECT call_id, "index", workspace_id, sentence FROM transcripts')
-    }
-    assert dst_transcripts == src_transcripts
+    assert actual_calls(env) == expected_calls(env)
     assert actual_speakers(env) == expected_speakers(env)
+    assert actual_transcripts(env) == expected_transcripts(env)
 
 
-def test_first_run_loads_every_live_row_of_every_asset(seeded, capfd):
+def ids(env, table: str, key: str) -> dict:
+    return dict(env.rows(f"SELECT {key}, id FROM {table}"))  # noqa: S608 - test-local constants
+
+
+def test_first_run_fills_the_app_tables_from_every_live_row(seeded, capfd):
     report = sync(CORE)
     assert report.status == "success", [o.error for o in report.outcomes]
     assert {o.asset for o in report.outcomes} == {"users", "calls", "transcripts", "speakers"}
     assert_in_step(seeded)
-    # Composite keys: the same call id lives in both workspaces, as two rows.
-    assert len(seeded.rows("SELECT 1 FROM calls WHERE id = %s", (CASES.shared_call_id,))) == 2
-    # Soft-deleted source rows never reach the destination.
-    assert seeded.rows("SELECT 1 FROM calls WHERE id = %s AND workspace_id = %s", CASES.deleted_call) == []
-    # A speaker whose user is unknown is kept, with no user fields.
-    assert seeded.rows("SELECT email, company_side FROM speakers WHERE user_id = %s",
-                       (CASES.orphan_speaker_user_id,)) == [(None, None)]
-    # Microseconds survive end to end.
-    assert {r[0].microsecond for r in seeded.rows("SELECT _fivetran_synced FROM calls")} - {0}
+    # One call id in two workspaces: the app keys calls by Gong id; the older copy is a dead letter.
+    assert len(seeded.rows("SELECT 1 FROM calls WHERE gong_call_id = %s", (CASES.shared_call_id,))) == 1
+    reason = seeded.rows("SELECT errors ->> 0 FROM gong_sync.dead_letters WHERE asset = 'calls'")
+    assert len(reason) == 1 and "is also in workspace" in reason[0][0]
+    assert outcome(report, "calls").rows_dead_lettered == 1
+    # Soft-deleted source rows never reach the app.
+    assert seeded.rows("SELECT 1 FROM calls WHERE gong_call_id = %s", (CASES.deleted_call[0],)) == []
+    # Derived values: the date, the first write, the company-side names, the speaker's share.
+    assert seeded.rows("SELECT count(*) FROM calls WHERE date IS DISTINCT FROM scheduled_at::date"
+                       " OR processed_at IS NULL") == [(0,)]
+    for call_id, reps in seeded.rows("SELECT id, prefect_reps FROM calls"):
+        names = sorted({n for (n,) in seeded.rows(
+            "SELECT name FROM speakers WHERE call_id = %s AND company_side", (call_id,))})
+        assert reps == names
+    shares = seeded.rows("SELECT sum(talk_time_percentage) FROM speakers GROUP BY call_id"
+                         " HAVING sum(talk_time_seconds) > 0")
+    assert shares and all(abs(float(s) - 100) < 0.1 for (s,) in shares)
+    # Transcripts point at their speaker's row, and the app's full-text trigger ran.
+    assert seeded.rows("SELECT count(*) FROM transcripts WHERE speaker_id IS NULL OR full_text_search IS NULL") == [(0,)]
+    # Nothing of the pipeline's lives in the app's schema but the contract tables.
+    public = {r[0] for r in seeded.rows("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert public == {"calls", "speakers", "transcripts", "users", "opportunities", "emails", "call_opportunities",
+                      "sync_status"}
+    # Active internal Gong users got an app account each (role left to the app's default).
+    internal = {u["email_address"] for u in live(source(seeded, "users"))
+                if u["active"] and u["email_address"].endswith("@" + CASES.internal_domain)}
+    assert {(e, r) for e, r in seeded.rows("SELECT email, role::text FROM users")} == {(e, "rep") for e in internal}
     # dlt's per-batch note that it kept our column hints stays out of the operator's log.
     assert "column hints were different" not in capfd.readouterr().err
 
 
-def test_destination_tables_have_real_primary_keys(seeded):
-    sync(CORE)
-    keys = dict(seeded.rows("""
-        SELECT c.conrelid::regclass::text, pg_get_constraintdef(c.oid) FROM pg_constraint c
-        WHERE c.contype = 'p' AND c.connamespace = 'public'::regnamespace"""))
-    assert keys["calls"] == "PRIMARY KEY (id, workspace_id)"
-    assert keys["transcripts"] == 'PRIMARY KEY (call_id, index, workspace_id)'
-    assert keys["speakers"] == "PRIMARY KEY (id, call_id)"
-    assert keys["users"] == "PRIMARY KEY (id)"
-    raw = dict(seeded.rows("""
-        SELECT c.conrelid::regclass::text, pg_get_constraintdef(c.oid) FROM pg_constraint c
-        WHERE c.contype = 'p' AND c.connamespace = 'gong_raw'::regnamespace"""))
-    assert raw["gong_raw.gong__call"] == "PRIMARY KEY (id, workspace_id)"
-
-
 def test_a_run_with_nothing_new_loads_nothing_and_rewrites_nothing(seeded):
     sync(CORE)
-    before = seeded.rows("SELECT xmin::text, id FROM calls ORDER BY id, workspace_id")
+    before = {t: seeded.rows(f"SELECT xmin::text, id FROM {t} ORDER BY id") for t in ("calls", "speakers", "transcripts")}
     report = sync(CORE)
     assert report.status == "success"
     for o in report.outcomes:
         assert (o.rows_loaded, o.rows_written, o.rows_deleted) == (0, 0, 0), o
-    assert seeded.rows("SELECT xmin::text, id FROM calls ORDER BY id, workspace_id") == before
+    for table, rows in before.items():
+        assert seeded.rows(f"SELECT xmin::text, id FROM {table} ORDER BY id") == rows, table
 
 
-def test_incremental_run_applies_inserts_updates_deletes_and_equal_timestamp_rows(seeded):
+def test_incremental_run_applies_inserts_updates_deletes_and_keeps_ids(seeded):
     first = sync(CORE)
+    call_ids, speaker_ids = ids(seeded, "calls", "gong_call_id"), set(ids(seeded, "speakers", "id"))
     checkpoint = outcome(first, "calls").checkpoint_after["gong__call"]
     cp = dt.datetime.fromisoformat(checkpoint)
     bq = seeded.bq
@@ -124,23 +169,33 @@ def test_incremental_run_applies_inserts_updates_deletes_and_equal_timestamp_row
                 synced_at=cp)
     insert_rows(bq, seeded.gong("call"), [{"id": "9000000000000000002", "workspace_id": ws, "title": "Brand new"}],
                 synced_at=LATER)
-    update_rows(bq, seeded.gong("call"), {"id": CASES.shared_call_id, "workspace_id": ws}, {"title": "Renamed"}, LATER)
-    live_speaker = seeded.rows("SELECT id, call_id FROM speakers WHERE user_id IS NOT NULL ORDER BY id LIMIT 1")[0]
-    soft_delete(bq, seeded.gong("call_speaker"), {"id": live_speaker[0], "call_id": live_speaker[1]}, LATER)
-    # A user's new email must reach every speaker row of that user.
-    user_id = seeded.rows("SELECT user_id FROM speakers GROUP BY user_id HAVING count(*) > 1 AND user_id IS NOT NULL LIMIT 1")[0][0]
+    renamed = next(gid for gid in call_ids if gid != CASES.shared_call_id)
+    update_rows(bq, seeded.gong("call"), {"id": renamed}, {"title": "Renamed"}, LATER)
+    gone = next(s for s in live(source(seeded, "call_speaker")) if s["call_id"] == renamed)
+    soft_delete(bq, seeded.gong("call_speaker"), {"id": gone["id"], "call_id": gone["call_id"]}, LATER)
+    # A user's new email must reach every speaker row of that user, which keeps its uuid.
+    counts: dict[str, int] = {}
+    for s in live(source(seeded, "call_speaker")):
+        counts[s["user_id"]] = counts.get(s["user_id"], 0) + 1
+    user_id = next(u["id"] for u in live(source(seeded, "users")) if counts.get(u["id"], 0) > 1)
     update_rows(bq, seeded.gong("users"), {"id": user_id}, {"email_address": "moved@example.org"}, LATER)
+    speakers_of_user = {r[0] for r in seeded.rows(
+        "SELECT m.id FROM gong_sync.speakers_ids m JOIN gong_raw.gong__call_speaker s"
+        " ON s.id = m.gong_speaker_id AND s.call_id = m.gong_call_id WHERE s.user_id = %s", (user_id,))}
 
     report = sync(CORE)
-    assert report.status == "success"
+    assert report.status == "success", [o.error for o in report.outcomes]
     assert outcome(report, "calls").rows_loaded == 3
     assert outcome(report, "users").rows_loaded == 1
     assert_in_step(seeded)
-    assert seeded.rows("SELECT title FROM calls WHERE id = '9000000000000000001'") == [("Late landing",)]
-    assert seeded.rows("SELECT title FROM calls WHERE id = %s AND workspace_id = %s", (CASES.shared_call_id, ws)) == [("Renamed",)]
-    assert seeded.rows("SELECT 1 FROM speakers WHERE id = %s AND call_id = %s", live_speaker) == []
-    assert {r[0] for r in seeded.rows("SELECT email FROM speakers WHERE user_id = %s", (user_id,))} == {"moved@example.org"}
-    assert seeded.rows("SELECT bool_or(company_side) FROM speakers WHERE user_id = %s", (user_id,)) == [(False,)]
+    after = ids(seeded, "calls", "gong_call_id")
+    assert {k: after[k] for k in call_ids} == call_ids  # every call kept its uuid
+    assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = '9000000000000000001'") == [("Late landing",)]
+    assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = %s", (renamed,)) == [("Renamed",)]
+    assert outcome(report, "speakers").rows_deleted == 1
+    assert {r[0] for r in seeded.rows("SELECT email FROM speakers WHERE id = ANY(%s)", (list(speakers_of_user),))} == {
+        "moved@example.org"}
+    assert speakers_of_user <= speaker_ids
     assert outcome(report, "calls").checkpoint_after["gong__call"] == LATER.isoformat(timespec="microseconds")
 
 
@@ -157,29 +212,29 @@ def test_a_first_load_keeps_the_latest_of_a_key_the_source_holds_twice(seeded, c
 
     assert report.status == "success"
     assert seeded.rows("SELECT title FROM gong_raw.gong__call WHERE id = %s", (twice["id"],)) == [("Newer",)]
-    assert seeded.rows("SELECT title FROM calls WHERE id = %s", (twice["id"],)) == [("Newer",)]
-    assert seeded.rows(
-        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'gong_raw.gong__call'::regclass AND contype = 'p'"
-    ) == [(1,)]
+    assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = %s", (twice["id"],)) == [("Newer",)]
     assert "gong_raw.gong__call: 1 older copies of rows with the same primary key (id, workspace_id) removed" in caplog.text
     # The next run merges on that key: a change to the call replaces its one row.
     update_rows(seeded.bq, seeded.gong("call"), twice, {"title": "Renamed"}, LATER + dt.timedelta(days=1))
     assert sync("calls").status == "success"
-    assert seeded.rows("SELECT title FROM calls WHERE id = %s", (twice["id"],)) == [("Renamed",)]
+    assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = %s", (twice["id"],)) == [("Renamed",)]
 
 
 def test_selecting_speakers_touches_only_speakers(seeded):
     sync(CORE)
     update_rows(seeded.bq, seeded.gong("call"), {"id": CASES.shared_call_id}, {"title": "Not yet"}, LATER)
-    speaker = seeded.rows("SELECT id, call_id FROM speakers ORDER BY id LIMIT 1")[0]
-    update_rows(seeded.bq, seeded.gong("call_speaker"), {"id": speaker[0], "call_id": speaker[1]}, {"talk_time": 4242.5}, LATER)
-    status_before = dict(seeded.rows("SELECT entity_type, finished_at FROM sync_status"))
+    speaker = next(s for s in live(source(seeded, "call_speaker")) if s["call_id"] != CASES.shared_call_id)
+    update_rows(seeded.bq, seeded.gong("call_speaker"), {"id": speaker["id"], "call_id": speaker["call_id"]},
+                {"talk_time": 4242.5}, LATER)
+    status_before = dict(seeded.rows("SELECT entity_type, updated_at FROM sync_status"))
 
     report = sync("speakers")
     assert [o.asset for o in report.outcomes] == ["speakers"]
-    assert seeded.rows("SELECT talk_time FROM speakers WHERE id = %s AND call_id = %s", speaker) == [(4242.5,)]
+    assert seeded.rows(
+        "SELECT s.talk_time_seconds FROM speakers s JOIN gong_sync.speakers_ids m ON m.id = s.id"
+        " WHERE m.gong_speaker_id = %s AND m.gong_call_id = %s", (speaker["id"], speaker["call_id"])) == [(4243,)]
     assert ("Not yet",) not in seeded.rows("SELECT title FROM calls")
-    status_after = dict(seeded.rows("SELECT entity_type, finished_at FROM sync_status"))
+    status_after = dict(seeded.rows("SELECT entity_type, updated_at FROM sync_status"))
     assert {k for k in status_after if status_after[k] != status_before[k]} == {"speakers"}
 
 
@@ -199,23 +254,28 @@ def test_a_failed_asset_skips_its_downstream_but_not_its_siblings(seeded):
     assert f"{seeded.gong_dataset}.users does not exist" in users.error
     assert outcome(report, "speakers").status == "skipped"
     assert "users" in outcome(report, "speakers").error
+    assert outcome(report, "transcripts").status == "skipped"
     assert outcome(report, "calls").status == "success"
-    assert outcome(report, "transcripts").status == "success"
-    assert seeded.rows("SELECT count(*) FROM transcripts")[0][0] > 0
-    assert seeded.rows("SELECT status FROM sync_status WHERE entity_type = 'users'") == [("failed",)]
+    assert seeded.rows("SELECT count(*) FROM calls")[0][0] > 0
+    assert seeded.rows("SELECT last_sync_status, error_details ->> 'error' FROM sync_status"
+                       " WHERE entity_type = 'users'")[0][0] == "failed"
 
 
-def test_full_refresh_forgets_the_checkpoint_and_reloads(seeded):
+def test_full_refresh_reconciles_in_place_and_keeps_ids(seeded):
     sync(CORE)
     total = seeded.rows("SELECT count(*) FROM gong_raw.gong__call")[0][0]
-    # A row removed from the destination by hand comes back only with a full refresh.
-    seeded.rows("DELETE FROM calls WHERE id = %s RETURNING 1", (CASES.shared_call_id,))
+    call_ids = ids(seeded, "calls", "gong_call_id")
+    transcript_ids = ids(seeded, "transcripts", "id")
+    # A row removed by hand comes back only with a full refresh, and with the same uuid.
+    victim = next(iter(call_ids))
+    seeded.rows("DELETE FROM calls WHERE gong_call_id = %s RETURNING 1", (victim,))
     assert outcome(sync("calls"), "calls").rows_loaded == 0
-    report = sync("calls", full_refresh=True)
-    calls = outcome(report, "calls")
-    assert calls.rows_loaded == total
-    assert len(seeded.rows("SELECT 1 FROM calls WHERE id = %s", (CASES.shared_call_id,))) == 2
-    assert dest(seeded, "SELECT id, workspace_id, title, duration, started, _fivetran_synced FROM calls") == live_calls(seeded)
+    report = sync(CORE, full_refresh=True)
+    assert report.status == "success", [o.error for o in report.outcomes]
+    assert outcome(report, "calls").rows_loaded == total
+    assert ids(seeded, "calls", "gong_call_id") == call_ids
+    assert ids(seeded, "transcripts", "id") == transcript_ids
+    assert_in_step(seeded)
 
 
 def test_a_new_machine_resumes_from_the_checkpoint_kept_in_postgres(seeded):

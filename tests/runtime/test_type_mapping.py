@@ -14,7 +14,8 @@ import json
 import psycopg
 from google.cloud import bigquery
 
-from assets.spec import AssetSpec, Build, SourceTable, columns
+from assets import ALL_ASSETS
+from assets.spec import SourceTable
 from runtime import bigquery as bq
 from runtime.load import land
 from runtime.postgres import Catalog
@@ -67,8 +68,7 @@ def test_every_type_round_trips_into_the_raw_table(env):
     settings = load_settings()
     catalog = Catalog(settings)
     source = SourceTable(dataset="gong", table="all_types", primary_key=("id",))
-    spec = AssetSpec(name="all_types", sources=(source,), primary_key=("id",), columns=columns(id="text"),
-                     build=Build(inputs=(), rows="SELECT 1", changed_keys="SELECT 1"))
+    spec = ALL_ASSETS[0].model_copy(update={"name": "all_types", "sources": (source,)})
     clients = bq.connect(settings)
     with psycopg.connect(env.database_url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA gong_raw")
