@@ -32,8 +32,9 @@ ROWS, CHANGED, GONE = (sql.Identifier(n) for n in ("_gs_rows", "_gs_changed", "_
 _ID_MAPS = {spec.name for spec in ALL_ASSETS if spec.id_map}
 # Every setting a build reads must exist: checked here, when the runtime first loads.
 for _spec in ALL_ASSETS:
-    for _name in _spec.settings - set(Settings.model_fields):
-        raise RuntimeError(f"asset {_spec.name}: build SQL reads unknown setting {_name!r}")
+    _named = _spec.settings | {s.table_setting for s in _spec.sources if s.table_setting}
+    for _name in _named - set(Settings.model_fields):
+        raise RuntimeError(f"asset {_spec.name}: names unknown setting {_name!r}")
     for _text in _spec.build.texts:
         for _slot in (s for s in slots_of(_text) if s.startswith("ids_")):
             if _slot.removeprefix("ids_") not in _ID_MAPS:

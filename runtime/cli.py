@@ -101,15 +101,18 @@ def print_schema_changes(out=sys.stdout) -> int:  # noqa: ANN001
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.session import preflight
+    from runtime.session import check_app_tables, preflight
     from runtime.settings import load_settings
 
     selection = Selection.parse(args.asset or ["*"])
     selection.resolve(default_graph())  # an unknown name fails here, before anything starts
-    # Fail on a bad credential in a second, before the Prefect engine starts.
+    # Fail on a bad credential, or app tables that do not fit, in a second, before the Prefect
+    # engine starts.
+    settings = load_settings()
     try:
-        _, _, clients = preflight(load_settings())
+        _, _, clients = preflight(settings)
         clients.close()
+        check_app_tables(settings, default_graph().subgraph(selection.resolve_ordered(default_graph())))
     except TransientError as exc:  # not a credential: the flow retries connecting and alerts if it gives up
         logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
     # Imported after the preflight: importing the flow installs tracing, and the preflight's

@@ -57,15 +57,16 @@ def delete_rows(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, gon
                 build: Callable, guard: DeleteGuard) -> Deleted:
     """Delete the app rows `gone` selects (by identity), after counting and guarding."""
     keys = sql.SQL(", ").join(map(sql.Identifier, spec.identity))
-    build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT * FROM ({}) g ({})").format(
-        _TO_DELETE, gone, keys
-    ))
+    app = catalog.dest_table(spec.table)
+    # Only rows still there: a cascade from another table may have taken some already.
+    build.run(conn, sql.SQL(
+        "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT {} FROM ({}) g ({}) JOIN {} USING ({})"
+    ).format(_TO_DELETE, keys, gone, keys, app, keys))
     result = Deleted()
     deleting = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(_TO_DELETE)).fetchone()[0]
     if not deleting:
         return result
     where = f"{catalog.dest_name}.{spec.table}"
-    app = catalog.dest_table(spec.table)
     rows = sql.SQL("SELECT t.* FROM {} t JOIN {} d USING ({})").format(app, _TO_DELETE, keys)
     result.cascade = count_cascade(conn, catalog.dest_name, spec.table, rows)
     going = ", ".join(f"{table} {n}" for table, n in sorted(result.cascade.items())) or "nothing else"
@@ -103,35 +104,56 @@ def _foreign_keys(conn: psycopg.Connection, schema: str, table: str) -> list[tup
     ).fetchall()
 
 
-def count_cascade(conn: psycopg.Connection, schema: str, table: str, rows: sql.Composable,
-                  depth: int = 0, path: tuple[str, ...] = ()) -> dict[str, int]:
-    """Rows of every table that references `rows` of `schema.table`, following cascades down.
+def count_cascade(conn: psycopg.Connection, schema: str, table: str, rows: sql.Composable) -> dict[str, int]:
+    """Rows of every table that would go with `rows` of `schema.table`, following cascades down.
 
-    A reference that neither cascades nor sets NULL would make the delete fail: that is said
-    before anything is deleted, naming the table.
+    A row reached along two paths (a coaching session of a call and of one of its speakers) is
+    counted once. Rows whose reference would be set NULL are reported apart, unless a cascade
+    takes them anyway. A reference that neither cascades nor sets NULL would make the delete
+    fail: that is said before anything is deleted, naming the table.
     """
-    counts: dict[str, int] = {}
+    going: dict[tuple[str, str], list[sql.Composable]] = {}
+    nulled: dict[tuple[str, str, str], list[sql.Composable]] = {}
+    _walk(conn, schema, table, rows, going, nulled, depth=0, path=(f"{schema}.{table}",))
+    counts = {f"{s}.{t}": _distinct(conn, parts) for (s, t), parts in going.items()}
+    for (s, t, columns), parts in nulled.items():
+        kept = _distinct(conn, parts, minus=going.get((s, t), []))
+        if kept:
+            counts[f"{s}.{t}.{columns} set NULL"] = kept
+    return {k: v for k, v in counts.items() if v}
+
+
+def _distinct(conn: psycopg.Connection, parts: list[sql.Composable], minus: list[sql.Composable] = ()) -> int:
+    """How many distinct rows (by ctid) the `SELECT ch.ctid …` queries `parts` find, less `minus`."""
+    union = sql.SQL(" UNION ").join(parts)
+    if minus:
+        union = sql.SQL("({}) EXCEPT ({})").format(union, sql.SQL(" UNION ").join(minus))
+    return conn.execute(sql.SQL("SELECT count(*) FROM ({}) x").format(union)).fetchone()[0]
+
+
+def _walk(conn: psycopg.Connection, schema: str, table: str, rows: sql.Composable, going: dict, nulled: dict,
+          *, depth: int, path: tuple[str, ...]) -> None:
     for child_schema, child, action, columns, referenced in _foreign_keys(conn, schema, table):
-        name = f"{child_schema}.{child}"
-        children = sql.SQL("SELECT ch.* FROM {}.{} ch WHERE ({}) IN (SELECT {} FROM ({}) p)").format(
+        where = sql.SQL("FROM {}.{} ch WHERE ({}) IN (SELECT {} FROM ({}) p)").format(
             sql.Identifier(child_schema), sql.Identifier(child),
             sql.SQL(", ").join(sql.SQL("ch.{}").format(sql.Identifier(c)) for c in columns),
             sql.SQL(", ").join(sql.SQL("p.{}").format(sql.Identifier(c)) for c in referenced), rows,
         )
-        n = conn.execute(sql.SQL("SELECT count(*) FROM ({}) x").format(children)).fetchone()[0]
+        n = conn.execute(sql.SQL("SELECT count(*) {}").format(where)).fetchone()[0]
         if not n:
             continue
+        name = f"{child_schema}.{child}"
         if action == "c":
-            counts[name] = counts.get(name, 0) + n
+            going.setdefault((child_schema, child), []).append(sql.SQL("SELECT ch.ctid {}").format(where))
             if depth < MAX_DEPTH and name not in path:
-                for deeper, m in count_cascade(conn, child_schema, child, children, depth + 1, (*path, name)).items():
-                    counts[deeper] = counts.get(deeper, 0) + m
+                _walk(conn, child_schema, child, sql.SQL("SELECT ch.* {}").format(where), going, nulled,
+                      depth=depth + 1, path=(*path, name))
         elif action in ("n", "d"):
-            label = f"{name}.{','.join(columns)} set {'NULL' if action == 'n' else 'to default'}"
-            counts[label] = counts.get(label, 0) + n
+            nulled.setdefault((child_schema, child, ",".join(columns)), []).append(
+                sql.SQL("SELECT ch.ctid {}").format(where)
+            )
         else:
             raise BuildError(
-                f"cannot delete from {schema}.{table}: {n} row(s) of {name} still reference the rows and its"
+                f"cannot delete from {path[0]}: {n} row(s) of {name} still reference the rows and its"
                 f" foreign key ({', '.join(columns)}) does not cascade; nothing was deleted"
             )
-    return counts

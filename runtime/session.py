@@ -39,6 +39,16 @@ def preflight(settings: Settings) -> tuple[str, Endpoint, BigQueryClients]:
     return url, endpoint, clients
 
 
+def check_app_tables(settings: Settings, graph: AssetGraph) -> None:
+    """The application's tables, checked (or created in an empty database) before a run starts."""
+    url = settings.postgres_url()
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            ensure_contract(conn, Catalog(settings), [graph.spec(n) for n in graph.names])
+    except psycopg.OperationalError as exc:
+        raise explain_connect_error(exc, Endpoint.parse(url)) from None
+
+
 @dataclass
 class Session:
     url: str

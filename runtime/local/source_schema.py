@@ -75,21 +75,21 @@ SOURCE_SCHEMAS: dict[TableKey, list[SchemaField]] = {
     ),
 }  # fmt: skip
 
-PRIMARY_KEYS: dict[TableKey, tuple[str, ...]] = {
-    ("gong", "users"): ("id",),
-    ("gong", "call"): ("id", "workspace_id"),
-    ("gong", "transcript"): ("call_id", "index", "workspace_id"),
-    ("gong", "call_speaker"): ("id", "call_id"),
-    ("gong", "call_participant"): ("id", "call_id"),
-    ("gong", "call_context_integration"): ("name", "object_id", "call_id"),
-    ("gong", "email"): ("id",),
-    ("gong", "email_sender"): ("email_id", "email_address"),
-    ("gong", "email_recipient"): ("email_id", "email_address"),
-    ("gong", "opportunity"): ("id",),
-    ("salesforce", "opportunity"): ("id",),
-    ("salesforce", "account"): ("id",),
-    ("salesforce", "user"): ("id",),
-}
+def _declared_keys() -> dict[TableKey, tuple[str, ...]]:
+    """Each source table's primary key, as the asset declarations state it (a fallback dataset
+    holds the same table with the same key)."""
+    from assets import ALL_ASSETS
+
+    keys: dict[TableKey, tuple[str, ...]] = {}
+    for spec in ALL_ASSETS:
+        for source in spec.sources:
+            for dataset in (source.dataset, source.fallback_dataset):
+                if dataset:
+                    keys[(dataset, source.table)] = source.primary_key
+    return keys
+
+
+PRIMARY_KEYS: dict[TableKey, tuple[str, ...]] = _declared_keys()
 
 _ARROW_TYPES: dict[str, pa.DataType] = {
     "STRING": pa.string(),

@@ -898,6 +898,7 @@ def test_the_app_keeps_its_ids_and_its_work_through_first_incremental_and_full_r
     assert after.ids["users"].get(old_rep_email) == work.manager
     calls = outcome(second, "calls")
     assert calls.rows_deleted == 1
+    # One coaching row went with the call (through calls and through speakers): counted once.
     assert nonzero(calls.cascade).get("public.coaching_sessions") == 1, calls.cascade
     assert nonzero(calls.cascade).get("public.analysis_runs") == 1, calls.cascade
     assert sum(nonzero(o.cascade).get("public.coaching_sessions", 0) for o in second.outcomes) == 1
@@ -992,6 +993,7 @@ def test_a_mass_delete_waits_for_allow_mass_delete_and_alerts(app_db, slack, mon
     assert_success(allowed)
     calls = outcome(allowed, "calls")
     assert calls.rows_deleted == len(victims)
+    # Three coaching rows went (each reachable through calls and through speakers): counted once each.
     assert nonzero(calls.cascade).get("public.coaching_sessions") == 3, calls.cascade
     assert {g for (g,) in env.rows("SELECT gong_call_id FROM calls")} == set(src.calls) - set(victims) - {small}
     assert env.rows("SELECT c.gong_call_id FROM coaching_sessions s JOIN calls c ON c.id = s.call_id") == [(kept,)]
