@@ -10,7 +10,7 @@ from assets.spec import UUID, AssetSpec, Build, SourceTable, col
 
 LINK = SourceTable(
     dataset="gong", table="call_context_integration", primary_key=("name", "object_id", "call_id"),
-    slot="link",
+    slot="link", needs=("object_type",),
 )
 
 BUILD = Build(

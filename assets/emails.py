@@ -26,7 +26,10 @@ class AddressRow(BaseModel):
     email_address: str = Field(min_length=1)
 
 
-EMAIL = SourceTable(dataset="gong", table="email", primary_key=("id",), table_setting="email_table", row_model=EmailRow)
+EMAIL = SourceTable(
+    dataset="gong", table="email", primary_key=("id",), table_setting="email_table", row_model=EmailRow,
+    needs=("sent_at",),
+)
 SENDER = SourceTable(
     dataset="gong", table="email_sender", primary_key=("email_id", "email_address"),
     table_setting="email_sender_table", row_model=AddressRow,

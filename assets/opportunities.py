@@ -27,13 +27,15 @@ NUMERIC = ("numeric",)
 OPPORTUNITY = SourceTable(
     dataset="salesforce", table="opportunity", primary_key=("id",),
     deleted_flags=_SF_DELETED, fallback_dataset="gong", row_model=OpportunityRow,
+    needs=("name",), reads=(("account_id", "STRING"), ("owner_id", "STRING")),
 )
 ACCOUNT = SourceTable(
-    dataset="salesforce", table="account", primary_key=("id",), deleted_flags=_SF_DELETED,
+    dataset="salesforce", table="account", primary_key=("id",), deleted_flags=_SF_DELETED, reads=(("name", "STRING"),),
     stand_in=(("id", "text"), ("name", "text"), ("is_deleted", "boolean"), ("_fivetran_deleted", "boolean")),
 )
 OWNER = SourceTable(
     dataset="salesforce", table="user", primary_key=("id",), deleted_flags=_SF_DELETED, slot="owner",
+    reads=(("email", "STRING"),),
     stand_in=(("id", "text"), ("email", "text"), ("is_deleted", "boolean"), ("_fivetran_deleted", "boolean")),
 )
 

@@ -13,10 +13,12 @@ from assets.users import USERS
 
 SPEAKER = SourceTable(
     dataset="gong", table="call_speaker", primary_key=("id", "call_id"), lookups=(("call_id",), ("user_id",)),
+    reads=(("user_id", "STRING"), ("talk_time", "FLOAT64")),
 )
 # Not in every account's ERD: without it, names come from users and emails alone.
 PARTICIPANT = SourceTable(
     dataset="gong", table="call_participant", primary_key=("id", "call_id"), lookups=(("call_id", "speaker_id"),),
+    reads=(("speaker_id", "STRING"), ("name", "STRING"), ("email_address", "STRING")),
     stand_in=(("id", "text"), ("call_id", "text"), ("speaker_id", "text"), ("name", "text"),
               ("email_address", "text"), ("_fivetran_deleted", "boolean")),
 )

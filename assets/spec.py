@@ -105,6 +105,12 @@ class SourceTable(_Frozen):
     lookups: tuple[tuple[str, ...], ...] = ()
     #: Source columns whose app column has a fixed type (the app's schema never changes).
     fits: tuple[Fit, ...] = ()
+    #: Columns besides the key and cursor the asset cannot do without: a source table that lacks
+    #: one fails the asset, naming it.
+    needs: tuple[str, ...] = ()
+    #: Optional columns the builds read by name, with their BigQuery type: a source table that
+    #: lacks one lands without it, and the raw table gets it as NULL (warned, recorded).
+    reads: tuple[tuple[str, str], ...] = ()
 
     @property
     def raw_table(self) -> str:

@@ -11,7 +11,8 @@ from assets.spec import INTEGER, JSONB, TEXT, TEXT_ARRAY, UUID, AssetSpec, Build
 
 TRANSCRIPT = SourceTable(
     dataset="gong", table="transcript", primary_key=("call_id", "index", "workspace_id"),
-    lookups=(("call_id", "speaker_id"),),
+    lookups=(("call_id", "speaker_id"),), needs=("sentence",),
+    reads=(("speaker_id", "STRING"), ("topic", "STRING")),
 )
 
 # `sentence` is parsed once per row; a value that is not a JSON array reads as no sentences.

@@ -9,7 +9,10 @@ which is how it tells them apart without a column of its own.
 
 from assets.spec import TEXT, AssetSpec, Build, SourceTable, col
 
-USERS = SourceTable(dataset="gong", table="users", primary_key=("id",))
+USERS = SourceTable(
+    dataset="gong", table="users", primary_key=("id",), needs=("email_address",),
+    reads=(("first_name", "STRING"), ("last_name", "STRING"), ("active", "BOOL"), ("title", "STRING")),
+)
 
 # Optional columns (`active`, names) are read through the row's JSON: absent means NULL.
 _INTERNAL = """

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import dlt
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 from dlt.common.destination.exceptions import SchemaUpdateError
 from dlt.common.exceptions import TransientException as DltTransientException
@@ -93,7 +94,37 @@ def validate(table: pa.Table, source: SourceTable, batch_size: int) -> tuple[pa.
                 rejects.append((hashlib.sha256(key_text.encode()).hexdigest(), pk if whole else None, row, errors))
             else:
                 keep.append(offset + i)
-    return (table if not rejects else table.take(keep)), rejects
+    # Typed indices: an empty list would infer Arrow's null type, which `take` has no kernel for.
+    return (table if not rejects else table.take(pa.array(keep, pa.int64()))), rejects
+
+
+#: Postgres text cannot hold U+0000; such values land without it (see `scrub_nul`).
+NUL = "\x00"
+
+
+def scrub_nul(table: pa.Table, source: SourceTable) -> tuple[pa.Table, list]:
+    """Remove NUL characters from text values, the one thing a valid source string can hold that
+    Postgres text cannot. The row lands without them; a dead letter keeps the original (escaped)
+    with the reason, so nothing is changed silently. Costs one vectorized scan per text column."""
+    columns = dict(zip(table.column_names, table.columns))
+    hit = None
+    for name, column in columns.items():
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        found = pc.fill_null(pc.match_substring(column, NUL), False)
+        if pc.any(found).as_py():
+            hit = found if hit is None else pc.or_(hit, found)
+            columns[name] = pc.replace_substring(column, NUL, "")
+    if hit is None:
+        return table, []
+    repaired = []
+    for row in table.filter(hit).to_pylist():
+        fields = sorted(k for k, v in row.items() if isinstance(v, str) and NUL in v)
+        pk = {k: row.get(k) for k in source.primary_key}
+        key = json.dumps({"repaired": pk}, sort_keys=True, default=str)
+        repaired.append((hashlib.sha256(key.encode()).hexdigest(), pk, row,
+                         [{"field": f, "error": "NUL character removed; the row landed without it"} for f in fields]))
+    return pa.Table.from_arrays(list(columns.values()), names=list(columns)), repaired
 
 
 @dataclass
@@ -159,6 +190,8 @@ def _resource(
             if progress:
                 progress(source.raw_table, reader.stats.rows)
             table, rejects = validate(plan.adapt(table), source, batch_size)
+            table, repaired = scrub_nul(table, source)
+            rejects += repaired
             if rejects:
                 counts[source.raw_table] = counts.get(source.raw_table, 0) + len(rejects)
                 if reject:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from assets.errors import SyncError
+from assets.errors import PermanentError, SyncError
 from assets.spec import AssetSpec, SourceTable
 from graph import AssetGraph
 from observability.events import AssetOutcome, RunInfo
@@ -20,7 +20,9 @@ from runtime.build import BuildResult, build_asset
 from runtime.deletes import DeleteGuard
 from runtime.load import LandResult, Progress, land
 from runtime.retry import with_retries
-from runtime.schema import SourcePlan, app_misfits, plan_source, record_changes
+from runtime.schema import (
+    Change, SourcePlan, app_misfits, ensure_columns, missing_columns, plan_source, record_changes,
+)
 from runtime.postgres import (
     Catalog,
     create_stand_in,
@@ -101,7 +103,18 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
 def _evolve(ctx: RunContext, spec: AssetSpec, source: SourceTable, fields: list, outcome: AssetOutcome) -> SourcePlan:
     """Follow the source's schema: migrate widened columns, plan the rest, record every change."""
     with ctx.hooks.step(ctx.run, spec.name, "schema", table=source.raw_table), ctx.pool.connection() as conn:
+        required, optional = missing_columns(source, fields)
+        if required:
+            raise PermanentError(
+                f"{spec.name}: source table {source.table} lacks column(s) {', '.join(required)}, which "
+                f"{spec.name} cannot do without"
+            )
         plan = plan_source(conn, ctx.catalog, spec.name, source.raw_table, fields)
+        if optional:
+            # Said on every run while it lasts; recorded once.
+            log.warning("%s: source table %s lacks optional column(s) %s: they read as NULL", spec.name,
+                        source.table, ", ".join(optional))
+            plan.changes += [Change(c, "missing", None, None, "reads_as_null") for c in optional]
         misfits = app_misfits(source, fields)
         for change, fit in misfits:
             # Said on every run while it lasts: the app's column cannot follow the source's type.
@@ -120,7 +133,11 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
             for source in spec.sources:
                 if source in landed.stand_ins:
                     create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
-                else:
+            # Optional columns a source lacks read as NULL: every input the build reads has them.
+            for source in dict.fromkeys((*spec.sources, *spec.build.inputs)):
+                ensure_columns(conn, ctx.catalog, source)
+            for source in spec.sources:
+                if source not in landed.stand_ins:
                     secure_raw_table(conn, ctx.catalog, source)
         with ctx.hooks.step(ctx.run, spec.name, "build_table", table=spec.table):
             return build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh,
@@ -128,14 +145,20 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
 
 
 def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:
-    log.warning("%s: %d row(s) of %s failed validation and went to dead_letters", spec.name, len(rows), source.table)
-
     def record() -> None:
         with ctx.pool.connection() as conn:
             record_dead_letters(conn, ctx.catalog, spec.name, source.table, ctx.run.run_id, rows)
 
     with ctx.hooks.step(ctx.run, spec.name, "dead_letters", table=source.raw_table, rows=len(rows)):
         with_retries(ctx.settings, f"{spec.name}: dead letters", record)
+    # Said once they are there, not before.
+    repaired = sum(1 for *_, errors in rows if all("landed without it" in e.get("error", "") for e in errors))
+    if len(rows) > repaired:
+        log.warning("%s: %d row(s) of %s failed validation and went to dead_letters", spec.name,
+                    len(rows) - repaired, source.table)
+    if repaired:
+        log.warning("%s: %d row(s) of %s held NUL characters: landed without them, originals in dead_letters",
+                    spec.name, repaired, source.table)
 
 
 def _log_failure(ctx: RunContext, outcome: AssetOutcome) -> None:

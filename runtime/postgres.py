@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -233,6 +234,24 @@ def create_stand_in(conn: psycopg.Connection, catalog: Catalog, table: str, cols
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(catalog.raw_table(table), sql.SQL(", ").join(defs)))
 
 
+def storable(value: object) -> object:
+    """A value as jsonb can store it: NUL characters (which jsonb rejects) written as the text
+    `\\u0000`, in keys and strings at any depth; anything else JSON cannot say, as text."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, dict):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN and infinities are not JSON
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()  # as Postgres writes bytea
+    return storable(str(value))
+
+
 def record_dead_letters(
     conn: psycopg.Connection, catalog: Catalog, asset: str, source_table: str, run_id: str,
     rejects: Iterable[tuple[str, dict | None, dict, list]],
@@ -245,8 +264,8 @@ def record_dead_letters(
             " DO UPDATE SET row = EXCLUDED.row, errors = EXCLUDED.errors, run_id = EXCLUDED.run_id, created_at = now()"
         ).format(catalog.dead_letters),
         [
-            (asset, source_table, key, json.dumps(pk, default=str) if pk else None,
-             json.dumps(row, default=str), json.dumps(errors, default=str), run_id)
+            (asset, source_table, key, json.dumps(storable(pk)) if pk else None,
+             json.dumps(storable(row)), json.dumps(storable(errors)), run_id)
             for key, pk, row, errors in rejects
         ],
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pyarrow as pa
+from dlt.common.normalizers.naming.snake_case import NamingConvention as SnakeCase
 from google.cloud.bigquery import SchemaField
 from psycopg import sql
 
@@ -162,18 +163,49 @@ def _kind_type(kind: str) -> PgType:
     return next(t for t in TYPES.values() if t.kind == kind)
 
 
+def landing_names(names: list[str]) -> dict[str, str]:
+    """BigQuery column name → its raw column's name, through the one naming rule dlt lands with.
+
+    Names are normalized as dlt does (`CamelCase` → `camel_case`, `Order` → `order`); a name that
+    would clash with dlt's own columns (`_dlt_*`) gets a `src` prefix; names that collide once
+    normalized (`Order` and `order`) are kept apart with a suffix (`order_2`), in schema order.
+    """
+    naming = SnakeCase()
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        base = naming.normalize_identifier(name)
+        if base.startswith("_dlt"):
+            base = f"src{base}"
+        landing, n = base, 2
+        while landing in taken:
+            landing, n = f"{base}_{n}", n + 1
+        taken.add(landing)
+        out[name] = landing
+    return out
+
+
 def plan_source(
     conn: psycopg.Connection, catalog: Catalog, asset: str, raw_table: str, fields: list[SchemaField]
 ) -> SourcePlan:
-    """Compare BigQuery's schema with the raw table, migrate what widens, and plan the rest."""
+    """Compare BigQuery's schema with the raw table, migrate what widens, and plan the rest.
+
+    Columns are compared by their landing names (`landing_names`), as dlt writes them.
+    """
     plan = SourcePlan()
     existing = raw_columns(conn, catalog.raw_name, raw_table)
     plan.first_load = not existing or unloaded(conn, catalog, raw_table)
     alters: list[tuple[str, PgType]] = []
+    landing = landing_names([f.name for f in fields])
     for f in fields:
+        name = landing[f.name]
         new = bq_type(f)
-        old = existing.get(f.name)
-        plan.hints[f.name] = dict(new.hint)
+        old = existing.get(name)
+        plan.hints[name] = dict(new.hint)
+        if name != f.name:
+            plan.renames[f.name] = name
+            if name != f.name.lower():  # more than case: say so once
+                plan.changes.append(Change(f.name, "renamed", None, None, f"landed as {name}"))
         if new.arrow is not None:
             # Storage reads can hand narrower Arrow types (int32 for INT64); land the mapped one.
             plan.casts[f.name] = new.arrow
@@ -182,32 +214,59 @@ def plan_source(
         if not existing:
             continue
         if old is None:
-            plan.changes.append(Change(f.name, "added", None, f.field_type, "added"))
+            plan.changes.append(Change(name, "added", None, f.field_type, "added"))
         elif old == new.kind:
             pass
         elif widens(old, new.kind):
-            alters.append((f.name, new))
-            plan.changes.append(Change(f.name, "type_changed", old, new.kind, "altered"))
+            alters.append((name, new))
+            plan.changes.append(Change(name, "type_changed", old, new.kind, "altered"))
         else:
             kept = _kind_type(old)
             if kept.arrow is not None and widens(new.kind, old):
-                plan.hints[f.name] = dict(kept.hint)
+                plan.hints[name] = dict(kept.hint)
                 plan.casts[f.name] = kept.arrow
                 action = "kept_old_type"
             else:
-                variant = f"{f.name}__v_{new.kind}"[:63]
+                variant = f"{name}__v_{new.kind}"[:63]
                 plan.renames[f.name] = variant
                 plan.casts.pop(f.name, None)
-                plan.hints[variant] = plan.hints.pop(f.name)
+                plan.hints[variant] = plan.hints.pop(name)
                 action = "variant_column"
-            plan.changes.append(Change(f.name, "type_changed", old, new.kind, action))
-    source_names = {f.name for f in fields}
+            plan.changes.append(Change(name, "type_changed", old, new.kind, action))
+    source_names = set(landing.values())
     for name in existing:
         if name not in source_names and not name.startswith("_dlt") and "__v_" not in name:
             plan.changes.append(Change(name, "removed", existing[name], None, "kept_values"))
     if alters:
         _alter(conn, catalog, raw_table, alters)
     return plan
+
+
+def missing_columns(source: SourceTable, fields: list[SchemaField]) -> tuple[list[str], list[str]]:
+    """(required, optional) columns the source table lacks, by landing name.
+
+    Required: the primary key, the cursor and what the asset's meaning depends on (`needs`).
+    Optional: every other column a build reads (`reads`), and soft-delete flags: absent, they
+    read as NULL (`ensure_columns`).
+    """
+    present = set(landing_names([f.name for f in fields]).values())
+    required = [c for c in dict.fromkeys((*source.primary_key, source.cursor, *source.needs)) if c not in present]
+    optional = [c for c in dict.fromkeys((*(r[0] for r in source.reads), *source.deleted_flags)) if c not in present]
+    return required, optional
+
+
+def ensure_columns(conn: psycopg.Connection, catalog: Catalog, source: SourceTable) -> list[str]:
+    """Give a raw table the optional columns its builds read and the source lacks, as NULL."""
+    existing = raw_columns(conn, catalog.raw_name, source.raw_table)
+    if not existing:
+        return []
+    wanted = {**{flag: "BOOL" for flag in source.deleted_flags}, **dict(source.reads)}
+    added = [c for c in wanted if c not in existing]
+    for column in added:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+            catalog.raw_table(source.raw_table), sql.Identifier(column), sql.SQL(TYPES[wanted[column]].ddl)
+        ))
+    return added
 
 
 def unloaded(conn: psycopg.Connection, catalog: Catalog, raw_table: str) -> bool:

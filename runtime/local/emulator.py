@@ -80,8 +80,9 @@ def _emulator_command() -> list[str]:
 
 
 #: The emulator's gRPC message cap. Its default (11 MiB) is below one 65,536-row Arrow batch of a
-#: wide table (a million-row transcript table sends 18 MB batches), so large reads would fail.
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: wide table: it sends 65,536 rows whatever their size, and monologues of 1–5 KB make batches of
+#: 65–330 MB. 1 GiB carries any realistic batch (gRPC's own ceiling is 2 GiB).
+_MAX_MESSAGE_BYTES = 1024 * 1024 * 1024
 
 
 def _child_env() -> dict[str, str]:
