@@ -17,7 +17,6 @@ CALL = SourceTable(
 #: `metadata`, so a new Gong column reaches the app with no DDL.
 OWN_COLUMNS = ("id", "title", "scheduled", "purpose", "url")
 #: Raw columns that are bookkeeping, not Gong's data.
-SYSTEM_COLUMNS = ("_fivetran_deleted", "_fivetran_synced", "_dlt_load_id", "_dlt_id")
 
 # The live winner per Gong id, with its whole raw row as JSON: optional columns (which vary by
 # account and connector version) read as NULL when the table lacks them.
@@ -39,7 +38,8 @@ ROWS = """
            w.j ->> 'purpose' AS call_type,
            now()::timestamp AS processed_at,
            jsonb_strip_nulls(w.j - ARRAY['id', 'title', 'scheduled', 'purpose', 'url', 'duration',
-                                         '_fivetran_deleted', '_fivetran_synced', '_dlt_load_id', '_dlt_id']
+                                         '_fivetran_deleted', '_fivetran_synced', '_dlt_load_id', '_dlt_id',
+                                         '_gs_seq']
                || jsonb_build_object('gong_url', w.j -> 'url')
                || CASE WHEN mod({fn_try_numeric}(w.j ->> 'duration'), 1) <> 0
                        THEN jsonb_build_object('duration', w.j -> 'duration') ELSE jsonb_build_object() END
@@ -57,7 +57,7 @@ BUILD = Build(
     # The other workspace's copy of a call id that two workspaces hold.
     rejects="""
         SELECT c.id || ':' || c.workspace_id, jsonb_build_object('id', c.id, 'workspace_id', c.workspace_id),
-               to_jsonb(c) - '_dlt_load_id' - '_dlt_id',
+               to_jsonb(c) - '_dlt_load_id' - '_dlt_id' - '_gs_seq',
                'call id ' || c.id || ' is also in workspace ' || w.workspace_id
                    || ', whose row is newer by _fivetran_synced; the app keys calls by Gong id alone'
         FROM {call} c JOIN (""" + _WINNERS + """) w ON w.id = c.id AND w.workspace_id <> c.workspace_id

@@ -52,7 +52,7 @@ ROWS = """
            u.email AS owner_email,
            CASE WHEN v.health BETWEEN 0 AND 100 THEN round(v.health, 2) END AS health_score,
            jsonb_strip_nulls(jsonb_build_object(
-               'account', to_jsonb(a) - '_dlt_load_id' - '_dlt_id',
+               'account', to_jsonb(a) - '_dlt_load_id' - '_dlt_id' - '_gs_seq',
                'warnings', nullif(to_jsonb(array_remove(ARRAY[
                    CASE WHEN a.id IS NULL THEN 'account not found: ' || (o.j ->> 'account_id') END,
                    CASE WHEN u.id IS NULL THEN 'owner not found: ' || (o.j ->> 'owner_id') END,

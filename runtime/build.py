@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 import psycopg
 from psycopg import sql
@@ -19,7 +18,7 @@ from assets.app_schema import TABLES
 from assets.errors import BuildError
 from assets.spec import FUNCTIONS, AssetSpec, slots_of
 from runtime.deletes import DeleteGuard, delete_rows
-from runtime.postgres import Catalog, table_exists
+from runtime.postgres import LOAD_ORDER, Catalog, table_exists
 from runtime.settings import Settings
 
 log = logging.getLogger("gong_sync.build")
@@ -52,7 +51,7 @@ class BuildResult:
     cascade: dict[str, int] = field(default_factory=dict)
     #: Source rows the build left out on purpose, now in dead letters.
     rejected: int = 0
-    loaded_through: dict[str, str] = field(default_factory=dict)
+    loaded_through: dict[str, int] = field(default_factory=dict)
     #: (level, message, number of rows, a few example keys) per check that found rows.
     checks: list[tuple[str, str, int, list[str]]] = field(default_factory=list)
 
@@ -71,8 +70,8 @@ class BuildSql:
         for source in self.spec.build.inputs:
             raw = self.catalog.raw_table(source.raw_table)
             slots[source.slot_name] = raw
-            slots[f"{source.slot_name}_new"] = sql.SQL("(SELECT * FROM {} WHERE _dlt_load_id::numeric > {})").format(
-                raw, sql.Placeholder(f"w_{source.slot_name}")
+            slots[f"{source.slot_name}_new"] = sql.SQL("(SELECT * FROM {} WHERE {} > {})").format(
+                raw, sql.Identifier(LOAD_ORDER), sql.Placeholder(f"w_{source.slot_name}")
             )
         slots.update({f"app_{t}": self.catalog.dest_table(t) for t in TABLES})
         slots.update({f"fn_{f}": self.catalog.function(f) for f in FUNCTIONS})
@@ -150,19 +149,20 @@ def build_asset(
                 sql.SQL("SELECT loaded_through FROM {} WHERE asset = %s FOR UPDATE").format(catalog.watermarks),
                 (spec.name,),
             ).fetchone()
-            result.full = full or previous is None
+            # Watermarks are the raw tables' load order (a Postgres sequence), kept under "order";
+            # a watermark of another kind (dlt's load ids, before) means one full rebuild, in place.
             current = {
                 s.raw_table: conn.execute(
-                    sql.SQL("SELECT coalesce(max(_dlt_load_id::numeric), 0)::text FROM {}").format(
-                        catalog.raw_table(s.raw_table)
+                    sql.SQL("SELECT coalesce(max({}), 0) FROM {}").format(
+                        sql.Identifier(LOAD_ORDER), catalog.raw_table(s.raw_table)
                     )
                 ).fetchone()[0]
                 for s in spec.build.inputs
             }
-            seen = previous[0] if previous and not result.full else {}
-            params: dict[str, object] = {
-                f"w_{s.slot_name}": Decimal(seen.get(s.raw_table, "0")) for s in spec.build.inputs
-            }
+            seen = (previous[0] or {}).get("order") if previous else None
+            result.full = full or seen is None
+            seen = {} if result.full else seen
+            params: dict[str, object] = {f"w_{s.slot_name}": int(seen.get(s.raw_table, 0)) for s in spec.build.inputs}
             params.update({f"s_{s}": list(v) if isinstance(v := getattr(settings, s), tuple) else v for s in spec.settings})
             params["full"] = result.full
             build = BuildSql(catalog, spec, params)
@@ -197,7 +197,7 @@ def build_asset(
                     "INSERT INTO {} (asset, loaded_through, built_at) VALUES (%s, %s, now())"
                     " ON CONFLICT (asset) DO UPDATE SET loaded_through = EXCLUDED.loaded_through, built_at = now()"
                 ).format(catalog.watermarks),
-                (spec.name, json.dumps(current)),
+                (spec.name, json.dumps({"order": current})),
             )
             result.loaded_through = current
     except psycopg.errors.UndefinedColumn as exc:

@@ -30,7 +30,7 @@ from assets.errors import PermanentError
 from assets.spec import AssetSpec, SourceTable
 from graph import AssetGraph
 from runtime.build import build_asset
-from runtime.load import open_pipeline
+from runtime.load import fresh_pipeline
 from runtime.deletes import DeleteGuard
 from runtime.postgres import Catalog, secure_raw_table
 from runtime.retry import with_retries
@@ -169,7 +169,7 @@ def _raw_exists(conn: psycopg.Connection, catalog: Catalog, table: str) -> bool:
 
 def _land(spec: AssetSpec, settings: Settings, session: Session, to_land: dict[SourceTable, list[_Letter]]) -> None:
     """Merge the rows into their raw tables through the asset's dlt pipeline, typed as dlt knows them."""
-    pipeline = open_pipeline(spec, settings, session.url)
+    pipeline = fresh_pipeline(spec, settings, session.url)
     pipeline.sync_destination()
     if pipeline.has_pending_data:  # a package an interrupted run left goes first, as in a run
         pipeline.normalize()

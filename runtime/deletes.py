@@ -68,7 +68,10 @@ def delete_rows(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, gon
         return result
     where = f"{catalog.dest_name}.{spec.table}"
     rows = sql.SQL("SELECT t.* FROM {} t JOIN {} d USING ({})").format(app, _TO_DELETE, keys)
-    result.cascade = count_cascade(conn, catalog.dest_name, spec.table, rows)
+    # A link the pipeline derives (an email's opportunity) is unlinked, not cascaded: the email's
+    # own source row lives on, and so must its app row, with its uuid and whatever hangs off it.
+    unlinked = _unlink(conn, catalog, spec.table, rows)
+    result.cascade = {**unlinked, **count_cascade(conn, catalog.dest_name, spec.table, rows)}
     going = ", ".join(f"{table} {n}" for table, n in sorted(result.cascade.items())) or "nothing else"
     total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(app)).fetchone()[0]
     if guard.blocks(deleting, total):
@@ -87,6 +90,31 @@ def delete_rows(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, gon
     log.warning("%s: deleted %d row(s) of %s whose source rows are gone; with them went: %s",
                 spec.name, result.rows, where, going)
     return result
+
+
+def _unlink(conn: psycopg.Connection, catalog: Catalog, table: str, rows: sql.Composable) -> dict[str, int]:
+    """Set NULL the nullable links other app tables hold to `rows`, where the pipeline writes the
+    link itself (an asset's column): the referencing row is not gone from its source."""
+    from assets import ALL_ASSETS
+
+    written = {(s.table, c.name) for s in ALL_ASSETS for c in s.columns}
+    unlinked = {}
+    for child_schema, child, _, columns, referenced in _foreign_keys(conn, catalog.dest_name, table):
+        if child_schema != catalog.dest_name or len(columns) != 1 or (child, columns[0]) not in written:
+            continue
+        nullable = not conn.execute(
+            "SELECT attnotnull FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s",
+            (f'"{child_schema}"."{child}"', columns[0]),
+        ).fetchone()[0]
+        if not nullable:
+            continue
+        n = conn.execute(sql.SQL("UPDATE {}.{} SET {c} = NULL WHERE {c} IN (SELECT p.{r} FROM ({}) p)").format(
+            sql.Identifier(child_schema), sql.Identifier(child), rows,
+            c=sql.Identifier(columns[0]), r=sql.Identifier(referenced[0]),
+        )).rowcount
+        if n:
+            unlinked[f"{child_schema}.{child}.{columns[0]} set NULL"] = n
+    return unlinked
 
 
 def _foreign_keys(conn: psycopg.Connection, schema: str, table: str) -> list[tuple]:

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,6 +161,40 @@ def open_pipeline(spec: AssetSpec, settings: Settings, url: str) -> dlt.Pipeline
     )
 
 
+def fresh_pipeline(spec: AssetSpec, settings: Settings, url: str) -> dlt.Pipeline:
+    """The asset's pipeline with nothing left over from an interrupted run.
+
+    Postgres holds the truth: the raw rows, and dlt's state, which counts only once the load that
+    carried it completed (dlt reads it joined with its finished loads). The working folder is a
+    cache. A package a killed run left behind is never finished: it may be older than what
+    another machine has loaded since, or cut short; it is discarded with the folder, and the
+    asset reads again from the checkpoint Postgres holds. Rows the package had partly loaded come
+    again and merge on their key (or, on a first load, are settled by `secure_raw_table`).
+    """
+    try:
+        pipeline = open_pipeline(spec, settings, url)
+        leftovers = len(pipeline.list_extracted_load_packages()) + len(pipeline.list_normalized_load_packages())
+        if not leftovers:
+            return pipeline
+        reason = f"{leftovers} load package(s) left by an interrupted run"
+        folder = pipeline.working_dir
+    except Exception as exc:  # noqa: BLE001 - a folder a kill left half-written: any error means unreadable
+        reason = f"its working folder is unreadable ({type(exc).__name__})"
+        where = hashlib.sha256(_destination(url, settings).encode()).hexdigest()[:12]
+        folder = str(settings.pipelines_dir / where / pipeline_name(spec))
+    log.warning("%s: discarding %s; reading again from the checkpoint Postgres holds", spec.name, reason)
+    shutil.rmtree(folder, ignore_errors=True)
+    return open_pipeline(spec, settings, url)
+
+
+def forget_loaded_packages(pipeline: dlt.Pipeline) -> None:
+    """Delete the files of completed loads: the rows are in Postgres, and a second copy of the
+    data on disk grows without bound (and is personal data)."""
+    storage = pipeline._get_load_storage()  # dlt has no public call for it
+    for load_id in storage.list_loaded_packages():
+        storage.delete_loaded_package(load_id)
+
+
 def _checkpoint(pipeline: dlt.Pipeline, source: SourceTable) -> str | None:
     state = pipeline.state.get("sources", {}).get(pipeline.default_schema_name or pipeline.pipeline_name, {})
     value = state.get("resources", {}).get(source.raw_table, {}).get("incremental", {}).get(source.cursor, {}).get("last_value")
@@ -218,7 +253,7 @@ def land(
     ahead of the data. A load package left by a killed run is finished first: dlt would
     otherwise load only it and skip extraction.
     """
-    pipeline = open_pipeline(spec, settings, url)
+    pipeline = fresh_pipeline(spec, settings, url)
     result = LandResult()
     readers: dict[str, TableReader] = {}
     plans: dict[str, SourcePlan] = {}
@@ -243,17 +278,11 @@ def land(
         plans[source.raw_table] = evolve(source, fields) if evolve else SourcePlan()
     read = [s for s in spec.sources if s.raw_table in readers]
     try:
-        # What run() would do, step by step: restore state from Postgres on a new machine, finish
-        # packages a killed run left (else dlt would load only them and skip extraction), then
-        # extract, normalize and load this run's rows.
+        # What run() would do, step by step: restore state from Postgres on a new machine (or
+        # after discarding a killed run's leftovers), then extract, normalize and load.
         pipeline.sync_destination()
         for source in read:  # after the restore: a new machine reads the checkpoint Postgres holds
             result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
-        if pipeline.has_pending_data:
-            log.warning("%s: finishing %d load package(s) left by an interrupted run",
-                        spec.name, len(pipeline.list_extracted_load_packages()) + len(pipeline.list_normalized_load_packages()))
-            pipeline.normalize()
-            _load(pipeline, url, settings, merges=True)  # its dispositions are unknown here: assume a merge
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
                       result.rows_rejected)
@@ -273,6 +302,7 @@ def land(
                     if not table.startswith("_dlt"):
                         result.rows_loaded[table] = result.rows_loaded.get(table, 0) + count
                 _load(pipeline, url, settings, merges=any(not plans[s.raw_table].first_load for s in read))
+                forget_loaded_packages(pipeline)
     except PipelineStepFailed as exc:
         raise _classify(spec, exc) from exc
     for source in read:

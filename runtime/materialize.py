@@ -25,7 +25,9 @@ from runtime.schema import (
 )
 from runtime.postgres import (
     Catalog,
+    add_load_order,
     create_stand_in,
+    table_exists,
     record_dead_letters,
     record_sync_status,
     secure_raw_table,
@@ -135,7 +137,9 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
                     create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
             # Optional columns a source lacks read as NULL: every input the build reads has them.
             for source in dict.fromkeys((*spec.sources, *spec.build.inputs)):
-                ensure_columns(conn, ctx.catalog, source)
+                if table_exists(conn, ctx.catalog.raw_name, source.raw_table):
+                    ensure_columns(conn, ctx.catalog, source)
+                    add_load_order(conn, ctx.catalog, source.raw_table)
             for source in spec.sources:
                 if source not in landed.stand_ins:
                     secure_raw_table(conn, ctx.catalog, source)

@@ -111,6 +111,11 @@ class Catalog:
         return self.sync_table(f"{asset}_ids")
 
     @property
+    def load_order_name(self) -> str:
+        """The sequence numbering raw rows, as text for nextval() (quoted, so any schema name works)."""
+        return f'"{self.sync_name}"."load_order"'
+
+    @property
     def watermarks(self) -> sql.Composed:
         return self.sync_table("asset_watermarks")
 
@@ -194,6 +199,7 @@ def prepare_schemas(conn: psycopg.Connection, catalog: Catalog, id_maps: Iterabl
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('gong_sync.prepare'))")
         for schema in (catalog.raw, catalog.sync):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(sql.SQL("CREATE SEQUENCE IF NOT EXISTS {}").format(catalog.sync_table("load_order")))
         conn.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (asset text PRIMARY KEY, loaded_through jsonb NOT NULL,"
@@ -231,6 +237,7 @@ def create_stand_in(conn: psycopg.Connection, catalog: Catalog, table: str, cols
     """An empty raw table for a source whose dataset this warehouse does not have."""
     defs = [sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(pg_type)) for name, pg_type in cols]
     defs.append(sql.SQL("_dlt_load_id text NOT NULL"))
+    defs.append(sql.SQL("_gs_seq bigint NOT NULL DEFAULT nextval({})").format(sql.Literal(catalog.load_order_name)))
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(catalog.raw_table(table), sql.SQL(", ").join(defs)))
 
 
@@ -301,11 +308,7 @@ def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceT
             # it ends with this transaction.
             conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
             conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(ref, key))
-        conn.execute(
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ((_dlt_load_id::numeric))").format(
-                sql.Identifier(f"{source.raw_table}__load_id"[:63]), ref
-            )
-        )
+        add_load_order(conn, catalog, source.raw_table)
         for columns in source.lookups:  # the builds look rows up by these
             conn.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
@@ -313,6 +316,32 @@ def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceT
                     sql.SQL(", ").join(map(sql.Identifier, columns)),
                 )
             )
+
+
+#: The column that says in which order Postgres took each raw row in (`add_load_order`).
+LOAD_ORDER = "_gs_seq"
+
+
+def add_load_order(conn: psycopg.Connection, catalog: Catalog, raw_table: str) -> None:
+    """Number the raw table's rows in the order Postgres takes them in, from one sequence.
+
+    Builds pick what changed by this number, never by a clock: dlt's load ids are the loading
+    machine's wall-clock time, and a second machine with a skewed clock would hide its rows.
+    The rows of a first load share one number, given without rewriting the table (a constant
+    default); every row inserted later draws its own from the sequence.
+    """
+    ref = catalog.raw_table(raw_table)
+    if LOAD_ORDER not in {r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        (f'"{catalog.raw_name}"."{raw_table}"',),
+    )}:
+        first = conn.execute("SELECT nextval(%s)", (catalog.load_order_name,)).fetchone()[0]
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint NOT NULL DEFAULT {}").format(
+            ref, sql.Identifier(LOAD_ORDER), sql.Literal(first)))  # a number Postgres just gave, not input
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT nextval({})").format(
+            ref, sql.Identifier(LOAD_ORDER), sql.Literal(catalog.load_order_name)))
+    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+        sql.Identifier(f"{raw_table}__load_order"[:63]), ref, sql.Identifier(LOAD_ORDER)))
 
 
 def table_exists(conn: psycopg.Connection, schema: str, table: str) -> bool:

@@ -75,8 +75,12 @@ def seed_workspace(
     seed: int = 0,
     tables: Iterable[str | TableKey] | None = None,
     chunk: int = CHUNK,
+    monologue_bytes: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """(Re)create the source tables and load synthetic rows; return rows per table (`gong.call`: n).
+
+    `monologue_bytes=(low, high)` gives each transcript monologue a text of `low` to `high` UTF-8
+    bytes (real ones are 1–5 KB); by default monologues are one to three short sentences.
 
     Seeding resets: each selected table is dropped and created again. Datasets are created only
     for the connectors that have a selected table, so leaving out every Salesforce table leaves
@@ -89,7 +93,7 @@ def seed_workspace(
         "salesforce": check_name(salesforce_dataset, "dataset name"),
     }
     keys = select_tables(tables)
-    plan = Plan(calls=calls, seed=seed)
+    plan = Plan(calls=calls, seed=seed, monologue_bytes=monologue_bytes)
 
     for connector in dict.fromkeys(key[0] for key in keys):
         client.create_dataset(f"{project}.{datasets[connector]}", exists_ok=True)

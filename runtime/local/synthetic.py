@@ -175,6 +175,19 @@ class Plan:
 
     calls: int
     seed: int
+    #: `(low, high)`: each monologue's text (its sentences joined by single spaces, as the app's
+    #: `transcripts.text` holds it) is between `low` and `high` UTF-8 bytes, drawn per monologue;
+    #: real monologues are 1–5 KB. None keeps the short demo sentences.
+    monologue_bytes: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.monologue_bytes is not None:
+            low, high = self.monologue_bytes
+            if low < 0 or high - low < MONOLOGUE_BYTES_MIN_SPREAD:
+                raise ValueError(
+                    f"monologue_bytes must be (low, high) with 0 <= low and high - low >= "
+                    f"{MONOLOGUE_BYTES_MIN_SPREAD} (whole phrases make up the text), got {self.monologue_bytes!r}"
+                )
 
     @property
     def call_rows(self) -> int:
@@ -428,20 +441,55 @@ def gen_call_participant(plan: Plan, r: np.ndarray) -> dict[str, pa.Array]:
     }
 
 
+#: UTF-8 bytes of the longest phrase plus its separating space: the unit sized texts grow by.
+_PHRASE_UNIT_MAX = max(len(p.encode()) + 1 for p in _PHRASES)
+#: Smallest `high - low` of `Plan.monologue_bytes`: up to three sentences each overshoot their
+#: share of the drawn size by less than one phrase, and the draw leaves room for that.
+MONOLOGUE_BYTES_MIN_SPREAD = 3 * _PHRASE_UNIT_MAX
+
+
+def _sentence_texts(plan: Plan, row: np.ndarray) -> list[pa.Array]:
+    """The JSON string literal of each of a monologue's three possible sentences' text.
+
+    By default one phrase each. With `plan.monologue_bytes = (low, high)`, a size is drawn per
+    monologue in [low + 1, high - 3 units + 1] and shared among its present sentences; each
+    sentence repeats its phrase, space-separated, until it holds its share (ceil). The joined
+    text is then at least the drawn size minus one byte and less than it plus three units: within
+    [low, high].
+    """
+    s = plan.seed
+    choices = [_int(s, 71 + k, row, 0, len(_PHRASES)) for k in range(3)]
+    phrases = _json_literal(_PHRASES)
+    if plan.monologue_bytes is None:
+        return [_pick(phrases, choice) for choice in choices]
+    low, high = plan.monologue_bytes
+    target = _int(s, 79, row, low + 1, high - MONOLOGUE_BYTES_MIN_SPREAD + 2)
+    present = [np.ones(len(row), dtype=bool)] + [_int(s, 75 + k, row, 0, 3) >= k for k in (1, 2)]
+    count = np.sum(present, axis=0)
+    units = np.array([len(p.encode()) + 1 for p in _PHRASES], dtype=np.int64)
+    inner = [literal[1:-1] for literal in phrases]  # escaped text: repeating it repeats the text
+    texts = []
+    for choice in choices:
+        unit = units[choice]
+        repeats = -(-target // (count * unit))  # ceil: at least this sentence's share
+        head = pc.binary_repeat(_pick([p + " " for p in inner], choice), pa.array(repeats - 1, pa.int64()))
+        texts.append(_join('"', head, _pick(inner, choice), '"'))
+    return texts
+
+
 def gen_transcript(plan: Plan, r: np.ndarray) -> dict[str, pa.Array]:
     s = plan.seed
     c = _call_rows(plan, r)
     parent, rank = _expand(c.monologues)
     row = r[parent] * 8 + rank
     speaker = r[parent] * _MAX_SPEAKERS + rank % c.speakers[parent]
-    phrases = _json_literal(_PHRASES)
+    texts = _sentence_texts(plan, row)
     start = rank * 30_000 + _int(s, 70, row, 0, 5_000)
     sentences = []
     for k in range(3):  # one to three sentences per monologue
         t0 = start + k * 9_000
         piece = _join(
-            '{"start": ', _text(t0), ', "end": ', _text(t0 + 8_000), ', "text": ',
-            _pick(phrases, _int(s, 71 + k, row, 0, len(phrases))), "}",
+            '{"start": ', _text(t0), ', "end": ', _text(t0 + 8_000), ', "text": ', texts[k], "}",
         )  # fmt: skip
         sentences.append(piece if k == 0 else _null_where(_join(", ", piece), _int(s, 75 + k, row, 0, 3) < k))
     return {

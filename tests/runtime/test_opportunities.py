@@ -1,6 +1,10 @@
 """The `opportunities` and `call_opportunities` assets on real parts: Salesforce opportunity,
 account and user tables (or Gong's fallback copy) and Gong's call links in the emulator, compared
-with what lands in Postgres (specs/opportunity-sync.md)."""
+with what lands in the application's tables (specs/opportunity-sync.md, APP_SCHEMA.md).
+
+The app keys an opportunity by a uuid `id` (`gong_opportunity_id` is the Salesforce id) and a link
+by the uuids of its call and opportunity rows: links are compared with BigQuery through
+`calls.gong_call_id` and `opportunities.gong_opportunity_id`."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import json
 import logging
 import math
 from collections import Counter
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
@@ -21,6 +25,9 @@ GONG_ONLY = ["gong.users", "gong.call", "gong.transcript", "gong.call_speaker", 
              "gong.call_context_integration", "gong.email", "gong.email_sender", "gong.email_recipient",
              "gong.opportunity"]  # fmt: skip
 COLUMNS = ("name", "stage", "close_date", "amount", "account_name", "owner_email", "health_score")
+CENT = Decimal("0.01")
+#: amount is numeric(15,2) in the app: at most 13 digits before the point.
+AMOUNT_LIMIT = Decimal(10) ** 13
 
 
 @pytest.fixture
@@ -51,6 +58,21 @@ def decimal(value: float | None) -> Decimal | None:
     return None if value is None or math.isnan(value) else Decimal(repr(value))
 
 
+def cents(value: Decimal | None) -> Decimal | None:
+    """A value as a numeric(p,2) column holds it: rounded half away from zero to 2 places."""
+    return None if value is None else value.quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def expected_amount(value: float | None) -> Decimal | None:
+    amount = decimal(value)
+    return cents(amount) if amount is not None and abs(amount) < AMOUNT_LIMIT else None
+
+
+def expected_health(value: float | None) -> Decimal | None:
+    score = decimal(value)
+    return cents(score) if score is not None and 0 <= score <= 100 else None
+
+
 def source_opportunities(env, dataset: str = "salesforce") -> list[dict]:
     return bq_table(env, dataset, "opportunity")
 
@@ -70,17 +92,18 @@ def expected_opportunities(env, dataset: str = "salesforce") -> dict[str, dict]:
             "name": o["name"],
             "stage": o["stage_name"],
             "close_date": o["close_date"],
-            "amount": decimal(o["amount"]),
+            "amount": expected_amount(o["amount"]),
             "account_name": account["name"] if account else None,
             "owner_email": users.get(o["owner_id"]),
-            "health_score": decimal(o["health_score"]),
+            "health_score": expected_health(o["health_score"]),
             "account": account,
         }
     return expected
 
 
-def deleted_opportunity_ids(env, dataset: str = "salesforce") -> set[str]:
-    return {o["id"] for o in source_opportunities(env, dataset) if not live(o)}
+def loaded_opportunity_ids(env, dataset: str = "salesforce") -> set[str]:
+    """Opportunities that have an app row: live, with an id and a name."""
+    return {o["id"] for o in source_opportunities(env, dataset) if live(o) and o["id"] and o["name"] is not None}
 
 
 def live_links(env) -> set[tuple[str, str]]:
@@ -96,10 +119,12 @@ def live_call_ids(env) -> set[str]:
 
 
 def actual_opportunities(env) -> dict[str, dict]:
+    """Salesforce id → the app row (with its uuid `id`)."""
     rows = env.rows("SELECT gong_opportunity_id, name, stage, close_date, amount, account_name, owner_email, "
-                    "health_score, metadata, updated_at FROM opportunities")
+                    "health_score, metadata, updated_at, id FROM opportunities")
     assert len(rows) == len({r[0] for r in rows}), "an opportunity appears twice"
-    return {r[0]: dict(zip((*COLUMNS, "metadata", "updated_at"), r[1:], strict=True)) for r in rows}
+    assert len(rows) == len({r[-1] for r in rows}), "two opportunities share a uuid"
+    return {r[0]: dict(zip((*COLUMNS, "metadata", "updated_at", "id"), r[1:], strict=True)) for r in rows}
 
 
 def columns_only(rows: dict[str, dict]) -> dict[str, dict]:
@@ -120,40 +145,70 @@ def assert_opportunities_in_step(env, dataset: str = "salesforce") -> dict[str, 
 
 
 def actual_links(env) -> set[tuple[str, str]]:
-    rows = env.rows("SELECT call_id, opportunity_id FROM call_opportunities")
+    """(Gong call id, Salesforce opportunity id) of every link, joined through the app rows' uuids."""
+    rows = env.rows("SELECT c.gong_call_id, o.gong_opportunity_id FROM call_opportunities l "
+                    "JOIN calls c ON c.id = l.call_id JOIN opportunities o ON o.id = l.opportunity_id")
     assert len(rows) == len(set(rows)), "a link appears twice"
+    assert env.rows("SELECT count(*) FROM call_opportunities") == [(len(rows),)], "a link points at no app row"
     return set(rows)
 
 
-def assert_links_in_step(env, dataset: str = "salesforce") -> set[tuple[str, str]]:
-    """Every live link to a not-deleted opportunity, and nothing else.
+def link_rows(env) -> dict[tuple[str, str], tuple]:
+    """(Gong call id, Salesforce opportunity id) → (call uuid, opportunity uuid, created_at) of each link."""
+    rows = env.rows("SELECT c.gong_call_id, o.gong_opportunity_id, l.call_id, l.opportunity_id, l.created_at "
+                    "FROM call_opportunities l JOIN calls c ON c.id = l.call_id "
+                    "JOIN opportunities o ON o.id = l.opportunity_id")
+    return {(r[0], r[1]): r[2:] for r in rows}
 
-    Links of a soft-deleted call, and links to an opportunity that was dead-lettered, may go
-    either way here (the spec does not say); they are only allowed, not required.
+
+def assert_links_in_step(env, dataset: str = "salesforce") -> set[tuple[str, str]]:
+    """Every live link whose call and opportunity both have an app row, and nothing else.
+
+    A link is two uuids of app rows: a link of a soft-deleted call, or to an opportunity that is
+    deleted or was dead-lettered, has nothing to point at and is not there.
     """
-    allowed = {link for link in live_links(env) if link[1] not in deleted_opportunity_ids(env, dataset)}
-    loaded = {o["id"] for o in source_opportunities(env, dataset) if o["name"] is not None}
-    required = {link for link in allowed if link[0] in live_call_ids(env) and link[1] in loaded}
+    loaded = loaded_opportunity_ids(env, dataset)
+    expected = {link for link in live_links(env) if link[0] in live_call_ids(env) and link[1] in loaded}
     actual = actual_links(env)
-    assert actual - allowed == set(), "links that should not be there"
-    assert required - actual == set(), "links that are missing"
+    assert actual - expected == set(), "links that should not be there"
+    assert expected - actual == set(), "links that are missing"
     return actual
 
 
+def sync_status(env, asset: str) -> dict:
+    """The asset's row of the app's `sync_status`."""
+    rows = env.rows("SELECT last_sync_timestamp, last_sync_status, items_synced, errors_count, error_details "
+                    "FROM sync_status WHERE entity_type = %s", (asset,))
+    assert len(rows) == 1, rows
+    return dict(zip(("last_sync_timestamp", "last_sync_status", "items_synced", "errors_count", "error_details"),
+                    rows[0], strict=True))
+
+
 def checkpoint_times(env, asset: str) -> set[dt.datetime]:
-    """Every timestamp in the asset's `sync_status.last_checkpoint`."""
-    (checkpoint,) = env.rows("SELECT last_checkpoint FROM sync_status WHERE entity_type = %s", (asset,))[0]
+    """Every timestamp among the asset's checkpoints (`sync_status.error_details.checkpoints`);
+    `last_sync_timestamp`, the asset's checkpoint, is the earliest of them."""
+    status = sync_status(env, asset)
     found = set()
-    for value in (checkpoint or {}).values():
+    for value in ((status["error_details"] or {}).get("checkpoints") or {}).values():
         try:
             found.add(dt.datetime.fromisoformat(value))
         except (TypeError, ValueError):
             pass
+    assert found and status["last_sync_timestamp"] == min(found), status
     return found
 
 
 def updated_at(env) -> dict[str, dt.datetime]:
     return dict(env.rows("SELECT gong_opportunity_id, updated_at FROM opportunities"))
+
+
+def opportunity_ids(env) -> dict[str, str]:
+    """Salesforce id → the app row's uuid."""
+    return dict(env.rows("SELECT gong_opportunity_id, id FROM opportunities"))
+
+
+def xmins(env) -> dict[str, str]:
+    return dict(env.rows("SELECT gong_opportunity_id, xmin::text FROM opportunities"))
 
 
 # -- tests --------------------------------------------------------------------------------------
@@ -165,9 +220,10 @@ def test_first_run_matches_salesforce_joined_with_account_and_owner(seeded):
     actual = assert_opportunities_in_step(seeded)
     assert len(actual) >= 10
     assert all(row["updated_at"] is not None for row in actual.values())
-    assert seeded.rows("SELECT status, items_synced FROM sync_status WHERE entity_type = 'opportunities'") == [
-        ("success", len(actual))
-    ]
+    status = sync_status(seeded, "opportunities")
+    # The opportunity without a name went to dead letters instead of the app: the run is partial.
+    assert (status["last_sync_status"], status["items_synced"], status["errors_count"]) == ("partial", len(actual), 1)
+    assert status["error_details"]["dead_letters"] == 1 and status["error_details"]["error"] is None
     # The cursor is _fivetran_synced (it also moves on a soft delete): the newest landed one.
     newest = max(o["_fivetran_synced"] for o in source_opportunities(seeded) if o["id"] and o["name"])
     assert newest in checkpoint_times(seeded, "opportunities")
@@ -188,28 +244,34 @@ def test_awkward_opportunities_load_with_nulls_and_warnings(seeded):
     scores = [o["health_score"] for o in opportunities.values()]
     assert None in scores
     assert all(0 <= s <= 100 for s in scores if s is not None)
-    assert {type(o["amount"]) for o in opportunities.values() if o["amount"] is not None} == {Decimal}
+    amounts = [o["amount"] for o in opportunities.values() if o["amount"] is not None]
+    assert {type(a) for a in amounts} == {Decimal}
+    # numeric(15,2) and numeric(5,2): exact decimals with two places.
+    assert {a.as_tuple().exponent for a in amounts} == {-2}
+    assert {s.as_tuple().exponent for s in scores if s is not None} == {-2}
 
 
 def test_an_opportunity_without_a_name_is_dead_lettered_once(seeded):
     report = sync("+opportunities")
     assert report.status == "success"
     assert outcome(report, "opportunities").rows_dead_lettered == 1
-    assert seeded.rows("SELECT status, error_count >= 1 FROM sync_status WHERE entity_type = 'opportunities'") == [
-        ("success", True)
-    ]
-    letters = seeded.rows('SELECT "row", errors, run_id FROM dead_letters WHERE asset = %s', ("opportunities",))
+    status = sync_status(seeded, "opportunities")
+    assert (status["last_sync_status"], status["errors_count"] >= 1) == ("partial", True)
+    letters = seeded.rows('SELECT "row", errors, run_id FROM gong_sync.dead_letters WHERE asset = %s',
+                          ("opportunities",))
     assert len(letters) == 1
     row, errors, run_id = letters[0]
     assert CASES.opportunity_null_name in json.dumps(row)
     assert "name" in json.dumps(errors)
     assert run_id == report.run_id
 
+    ids, before = opportunity_ids(seeded), xmins(seeded)
     again = sync("+opportunities")
     assert again.status == "success"
     assert outcome(again, "opportunities").rows_written == 0
-    assert seeded.rows("SELECT count(*) FROM dead_letters WHERE asset = 'opportunities'") == [(1,)]
+    assert seeded.rows("SELECT count(*) FROM gong_sync.dead_letters WHERE asset = 'opportunities'") == [(1,)]
     assert CASES.opportunity_null_name not in actual_opportunities(seeded)
+    assert (opportunity_ids(seeded), xmins(seeded)) == (ids, before)  # nothing rewritten, every uuid kept
 
 
 def test_call_opportunities_hold_one_row_per_live_link(seeded):
@@ -227,14 +289,17 @@ def test_call_opportunities_hold_one_row_per_live_link(seeded):
     # to it is not kept (a link always points at a row of `opportunities`).
     assert per_call[CASES.call_with_two_opportunities] == 1, sorted(links)[:3]
     assert (CASES.call_with_two_opportunities, CASES.opportunity_null_name) not in links
+    # The soft-deleted call has no app row, so nothing links to it.
+    assert CASES.deleted_call[0] not in per_call
 
 
 def test_account_rename_and_owner_email_change_reach_untouched_opportunities(seeded):
     sync("+opportunities")
-    first = updated_at(seeded)
+    first, ids, rows = updated_at(seeded), opportunity_ids(seeded), xmins(seeded)
     again = sync("+opportunities")
     assert outcome(again, "opportunities").rows_written == 0
     assert updated_at(seeded) == first  # nothing changed, nothing rewritten
+    assert xmins(seeded) == rows
 
     source = [o for o in source_opportunities(seeded) if o["id"] in first]
     account_id = Counter(o["account_id"] for o in source if o["account_id"] != CASES.missing_account_id).most_common(1)[0][0]
@@ -257,10 +322,16 @@ def test_account_rename_and_owner_email_change_reach_untouched_opportunities(see
     after = updated_at(seeded)
     assert {k for k in after if after[k] != first[k]} == touched
     assert all(after[k] > first[k] for k in touched)
+    assert outcome(report, "opportunities").rows_written == len(touched)
+    # Updated in place: every opportunity keeps its uuid, and the untouched ones were not rewritten.
+    assert opportunity_ids(seeded) == ids
+    now = xmins(seeded)
+    assert {k: now[k] for k in now if k not in touched} == {k: rows[k] for k in rows if k not in touched}
 
 
 def test_incremental_run_inserts_updates_and_deletes_opportunities_with_their_links(seeded):
     sync("+call_opportunities")
+    ids, links_before = opportunity_ids(seeded), link_rows(seeded)
     bq, opportunity_table = seeded.bq, table(seeded, "salesforce", "opportunity")
     links = actual_links(seeded)
     linked = [opp for opp, _ in Counter(o for _, o in links).most_common() if opp in actual_opportunities(seeded)]
@@ -297,14 +368,32 @@ def test_incremental_run_inserts_updates_and_deletes_opportunities_with_their_li
         "_fivetran_deleted": (vanished in opportunities, any(o == vanished for _, o in links)),
     }
     assert still_there == {"is_deleted": (False, False), "_fivetran_deleted": (False, False)}
+    # Deleted with their links: the links go by the app's ON DELETE CASCADE, counted and reported.
+    went = sum(1 for _, o in links_before if o in (flagged, vanished))
+    deleted = outcome(report, "opportunities")
+    assert (deleted.rows_deleted, deleted.cascade) == (2, {"public.call_opportunities": went})
+    details = sync_status(seeded, "opportunities")["error_details"]
+    assert (details["deleted"], details["cascade"]) == (2, {"public.call_opportunities": went})
+    assert outcome(report, "call_opportunities").rows_deleted == 1  # the soft-deleted link row
     assert_opportunities_in_step(seeded)
     assert opportunities[restaged]["stage"] == "Closed Won"
-    assert opportunities[new_id]["amount"] == Decimal("4200.5")
+    assert opportunities[new_id]["amount"] == Decimal("4200.50")
+    assert opportunities[new_id]["health_score"] == Decimal("71.50")
     assert opportunities[new_id]["account_name"] == "Globex"
     assert_links_in_step(seeded)
     assert (CASES.call_with_deleted_link, new_id) in links
     assert kept_link in links
     assert dropped_link not in links
+    # Ids are forever: surviving opportunities keep their uuid, the new one has its own, and a link
+    # that stays is the same row (same uuids, same created_at), never deleted and inserted again.
+    after = opportunity_ids(seeded)
+    assert {k: v for k, v in after.items() if k != new_id} == {
+        k: v for k, v in ids.items() if k not in (flagged, vanished)}
+    assert after[new_id] not in ids.values()
+    links_after = link_rows(seeded)
+    assert kept_link in links_after and links_after[kept_link] == links_before[kept_link]
+    assert {k: links_after[k] for k in links_before.keys() & links_after.keys()} == {
+        k: links_before[k] for k in links_before.keys() & links_after.keys()}
 
 
 def test_without_a_salesforce_dataset_opportunities_come_from_gong(env, caplog):
@@ -327,13 +416,30 @@ def test_indexes_and_keys_the_application_relies_on(seeded):
     assert "(owner_email, updated_at DESC)" in indexes["idx_opportunities_owner"]
     assert "(stage, close_date)" in indexes["idx_opportunities_stage"]
     assert "(health_score) WHERE (health_score IS NOT NULL)" in indexes["idx_opportunities_health"]
-    keys = dict(seeded.rows("""
-        SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint
-        WHERE contype = 'p' AND connamespace = 'public'::regnamespace"""))
-    assert keys["opportunities"] == "PRIMARY KEY (gong_opportunity_id)"
-    assert keys["call_opportunities"] == "PRIMARY KEY (call_id, opportunity_id)"
-    types = dict(seeded.rows("SELECT column_name, data_type FROM information_schema.columns "
-                             "WHERE table_schema = 'public' AND table_name = 'opportunities'"))
-    assert (types["close_date"], types["amount"], types["health_score"], types["metadata"], types["updated_at"]) == (
-        "date", "numeric", "numeric", "jsonb", "timestamp with time zone"
-    )
+    assert "call_opportunities USING btree (call_id)" in indexes["idx_call_opportunities_call"]
+    assert "call_opportunities USING btree (opportunity_id)" in indexes["idx_call_opportunities_opportunity"]
+    constraints: dict[str, set[str]] = {}
+    for name, definition in seeded.rows("""
+            SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint
+            WHERE connamespace = 'public'::regnamespace AND contype IN ('p', 'u', 'f') AND conrelid::regclass::text IN
+            ('opportunities', 'call_opportunities')"""):
+        constraints.setdefault(name, set()).add(definition)
+    assert constraints["opportunities"] == {"PRIMARY KEY (id)", "UNIQUE (gong_opportunity_id)"}
+    assert constraints["call_opportunities"] == {
+        "PRIMARY KEY (call_id, opportunity_id)",
+        "FOREIGN KEY (call_id) REFERENCES calls(id) ON DELETE CASCADE",
+        "FOREIGN KEY (opportunity_id) REFERENCES opportunities(id) ON DELETE CASCADE",
+    }
+
+    def types(relation: str) -> dict[str, str]:
+        return dict(seeded.rows("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped", (relation,)))
+
+    opportunity = types("public.opportunities")
+    assert {c: opportunity[c] for c in ("id", "gong_opportunity_id", "close_date", "amount", "health_score",
+                                        "metadata", "updated_at")} == {
+        "id": "uuid", "gong_opportunity_id": "character varying", "close_date": "date", "amount": "numeric(15,2)",
+        "health_score": "numeric(5,2)", "metadata": "jsonb", "updated_at": "timestamp with time zone",
+    }
+    link = types("public.call_opportunities")
+    assert (link["call_id"], link["opportunity_id"]) == ("uuid", "uuid")
