@@ -97,6 +97,18 @@ class AlertHook(Hook):
         if (failed or error is not None) and self.slack_webhook_url:
             self._post("Slack", self.slack_webhook_url, self._slack_message(run, outcomes, error))
 
+    def notice(self, run: RunInfo, topic: str, text: str) -> None:
+        summary = self.clean(f"gong-sync ({self.source}): {text}")
+        if self.slack_webhook_url:
+            self._post("Slack", self.slack_webhook_url, {"text": summary[:SECTION_CHARS]}, f"notice {topic}")
+        if self.routing_key:
+            self._pagerduty({
+                "routing_key": self.routing_key, "event_action": "trigger", "dedup_key": self.dedup_key(topic),
+                "client": "gong-sync",
+                "payload": {"summary": summary[:SUMMARY_CHARS], "source": self.source, "severity": "warning",
+                            "group": "gong-sync", "class": topic, "custom_details": {"run_id": run.run_id}},
+            }, f"notice {topic}")
+
     # -- messages --------------------------------------------------------------------------
 
     def dedup_key(self, asset: str) -> str:

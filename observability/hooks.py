@@ -25,6 +25,10 @@ class Hook:
 
     def asset_finished(self, run: RunInfo, outcome: AssetOutcome, error: BaseException | None) -> None: ...
 
+    def notice(self, run: RunInfo, topic: str, text: str) -> None:
+        """Something an operator must hear of though nothing failed (a row with a cursor in the
+        future; runs skipped for hours on a held lock). `topic` keys repeats of the same notice."""
+
     @contextlib.contextmanager
     def step(self, run: RunInfo, asset: str, name: str, **attributes: object) -> Iterator[None]:
         yield
@@ -54,6 +58,9 @@ class HookSet(Hook):
 
     def asset_finished(self, run: RunInfo, outcome: AssetOutcome, error: BaseException | None) -> None:
         self._each("asset_finished", run, outcome, error)
+
+    def notice(self, run: RunInfo, topic: str, text: str) -> None:
+        self._each("notice", run, topic, text)
 
     @contextlib.contextmanager
     def step(self, run: RunInfo, asset: str, name: str, **attributes: object) -> Iterator[None]:

@@ -127,6 +127,9 @@ class LoggingHook(Hook):
     def asset_started(self, run: RunInfo, asset: str) -> None:
         self._emit(logging.INFO, "asset.start", run_id=run.run_id, asset=asset)
 
+    def notice(self, run: RunInfo, topic: str, text: str) -> None:
+        self._emit(logging.WARNING, "run.notice", run_id=run.run_id, topic=topic, text=text)
+
     def asset_finished(self, run: RunInfo, outcome: AssetOutcome, error: BaseException | None) -> None:
         level = {"success": logging.INFO, "skipped": logging.WARNING}.get(outcome.status, logging.ERROR)
         self._emit(

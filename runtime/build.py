@@ -200,6 +200,9 @@ def build_asset(
                 (spec.name, json.dumps({"order": current})),
             )
             result.loaded_through = current
+    except psycopg.errors.LockNotAvailable:
+        raise BuildError(f"{spec.name}: waited LOCK_TIMEOUT ({settings.lock_timeout:g} s) for a table lock and gave up;"
+                         f" nothing was written. {lock_holders(conn, catalog)}") from None
     except psycopg.errors.UndefinedColumn as exc:
         raise BuildError(f"{spec.name}: build SQL names a column the raw tables lack: {exc.diag.message_primary}") from None
     except (psycopg.errors.SyntaxError, psycopg.errors.UndefinedTable, psycopg.errors.DatatypeMismatch,
@@ -208,6 +211,26 @@ def build_asset(
     finally:
         conn.isolation_level = None
     return result
+
+
+def lock_holders(conn: psycopg.Connection, catalog: Catalog) -> str:
+    """Who holds locks that block writes on the pipeline's and the app's tables, in one sentence."""
+    rows = conn.execute(
+        "SELECT l.relation::regclass::text, l.mode, a.pid, a.usename, a.application_name, a.state,"
+        " date_trunc('second', now() - coalesce(a.xact_start, a.query_start))::text"
+        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid JOIN pg_class c ON c.oid = l.relation"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE l.granted AND l.locktype = 'relation' AND l.pid <> pg_backend_pid()"
+        " AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
+        " AND n.nspname IN (%s, %s, %s) ORDER BY 1, 3",
+        (catalog.dest_name, catalog.raw_name, catalog.sync_name),
+    ).fetchall()
+    if not rows:
+        return "The lock was released before it could be named."
+    return "Held by: " + "; ".join(
+        f"{table} {mode} by pid {pid} (user {user}, application {app or '-'}, {state or '-'} for {age})"
+        for table, mode, pid, user, app, state, age in rows
+    )
 
 
 def _stage_changed(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *, none: bool = False) -> None:

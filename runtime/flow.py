@@ -33,7 +33,7 @@ from runtime.materialize import RunContext, materialize_asset
 from runtime.run_records import SyncRunsRecorder
 from runtime.postgres import Endpoint
 from runtime.retry import with_retries
-from runtime.session import RunLockHeld, open_session
+from runtime.session import RunLockHeld, last_success, open_session, verify_lock
 from runtime.settings import Settings, load_settings
 
 #: Threads available to the task runner; how many assets run at once is MAX_PARALLEL.
@@ -85,10 +85,17 @@ def run_graph(graph: AssetGraph, ctx: RunContext, submit: Callable[[str], Prefec
     waiting = list(graph.names)
     running: dict[PrefectFuture, str] = {}
     status: dict[str, str] = {}
+    stopped: str | None = None  # the run lock was lost: nothing new starts
     while waiting or running:
         for name in list(waiting):
             upstream = graph.upstream(name)
-            if any(status.get(u) in ("failed", "skipped") for u in upstream):
+            if stopped:
+                waiting.remove(name)
+                outcome = AssetOutcome(asset=name, status="skipped", error=stopped)
+                ctx.outcomes[name] = outcome
+                status[name] = "skipped"
+                ctx.hooks.asset_finished(ctx.run, outcome, None)
+            elif any(status.get(u) in ("failed", "skipped") for u in upstream):
                 waiting.remove(name)
                 blocked = [u for u in upstream if status.get(u) in ("failed", "skipped")]
                 outcome = AssetOutcome(asset=name, status="skipped", error=f"upstream failed: {', '.join(blocked)}")
@@ -104,10 +111,26 @@ def run_graph(graph: AssetGraph, ctx: RunContext, submit: Callable[[str], Prefec
         name = running.pop(done)
         done.wait()
         status[name] = "success" if done.state.is_completed() else "failed"
+        if ctx.outcomes.get(name) and ctx.outcomes[name].error_type == "RunLockLost":
+            stopped = f"not started: {ctx.outcomes[name].error}"
         if name not in ctx.outcomes:  # the task died before it could report
             ctx.outcomes[name] = AssetOutcome(asset=name, status="failed", error=str(done.state.message))
             ctx.hooks.asset_finished(ctx.run, ctx.outcomes[name], None)
     return [ctx.outcomes[n] for n in graph.names]
+
+
+def _alert_if_stale(settings: Settings, hooks: Hook, run: RunInfo) -> None:
+    """Runs skipped on a held lock are fine for a while; a lock held for hours means the sync has
+    stopped (a run stuck on a table lock, a forgotten session): say so once it is STALE_AFTER old."""
+    try:
+        last = last_success(settings)
+    except SyncError:
+        return
+    import datetime as dt
+
+    if last is None or (dt.datetime.now(dt.UTC) - last).total_seconds() > settings.stale_after:
+        hooks.notice(run, "stale", f"no successful sync since {last.isoformat(timespec='seconds') if last else 'ever'};"
+                     " runs are being skipped because another run holds the lock")
 
 
 def default_hooks(json_logs: bool = False, extra: list[Hook] | None = None) -> HookSet:
@@ -176,6 +199,7 @@ def execute(
         session = with_retries(settings, "connect", lambda: open_session(settings, subgraph))
     except RunLockHeld as held:
         report.skipped_reason = str(held)
+        _alert_if_stale(settings, hooks, run)
         return report
     except SyncError as exc:  # nothing answered after the retries: alert, then fail the run
         hooks.run_finished(run, [], exc)
@@ -188,6 +212,7 @@ def execute(
             catalog=session.catalog, hooks=hooks, run=run, graph=subgraph,
             full_refresh=frozenset(names) if full_refresh else frozenset(), progress=progress,
             guard=DeleteGuard.of(settings, allowed=allow_mass_delete),
+            verify_lock=lambda: verify_lock(session.lock_conn),
         )
         hooks.run_started(run)
         report.trace_id = run.trace_id

@@ -134,6 +134,8 @@ class LandResult:
 
     rows_read: dict[str, int] = field(default_factory=dict)
     rows_rejected: dict[str, int] = field(default_factory=dict)
+    #: Rows held back because their cursor was in the future (also in rows_rejected).
+    rows_future: dict[str, int] = field(default_factory=dict)
     stand_ins: list[SourceTable] = field(default_factory=list)
     rows_loaded: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
@@ -205,9 +207,32 @@ def _checkpoint(pipeline: dlt.Pipeline, source: SourceTable) -> str | None:
     return str(value)
 
 
+def split_future(table: pa.Table, source: SourceTable, latest: dt.datetime) -> tuple[pa.Table, list]:
+    """Rows whose cursor is later than `latest` (now plus FUTURE_CURSOR_TOLERANCE) as rejects: one
+    such value would become the checkpoint and hide every row after it for good."""
+    if source.cursor not in table.column_names or table.num_rows == 0:
+        return table, []
+    column = table[source.cursor]
+    if not pa.types.is_timestamp(column.type):
+        return table, []
+    future = pc.fill_null(pc.greater(column, pa.scalar(latest, column.type)), False)
+    if not pc.any(future).as_py():
+        return table, []
+    rejects = []
+    for row in table.filter(future).to_pylist():
+        pk = {k: row.get(k) for k in source.primary_key}
+        key = json.dumps({"future": pk, "at": row.get(source.cursor)}, sort_keys=True, default=str)
+        rejects.append((hashlib.sha256(key.encode()).hexdigest(), pk, row, [{
+            "field": source.cursor,
+            "error": f"in the future: {row.get(source.cursor)} is later than now plus FUTURE_CURSOR_TOLERANCE;"
+                     " not landed, the checkpoint stays",
+        }]))
+    return table.filter(pc.invert(future)), rejects
+
+
 def _resource(
     source: SourceTable, reader: TableReader, plan: SourcePlan, batch_size: int, progress: Progress | None,
-    reject: Rejects | None, counts: dict[str, int],
+    reject: Rejects | None, counts: dict[str, int], latest: dt.datetime, future: dict[str, int],
 ):
     @dlt.resource(
         name=source.raw_table,
@@ -226,7 +251,10 @@ def _resource(
                 progress(source.raw_table, reader.stats.rows)
             table, rejects = validate(plan.adapt(table), source, batch_size)
             table, repaired = scrub_nul(table, source)
-            rejects += repaired
+            table, ahead = split_future(table, source, latest)
+            if ahead:
+                future[source.raw_table] = future.get(source.raw_table, 0) + len(ahead)
+            rejects += repaired + ahead
             if rejects:
                 counts[source.raw_table] = counts.get(source.raw_table, 0) + len(rejects)
                 if reject:
@@ -277,6 +305,7 @@ def land(
             fields = [f for f in fields if f.name in source.columns]
         plans[source.raw_table] = evolve(source, fields) if evolve else SourcePlan()
     read = [s for s in spec.sources if s.raw_table in readers]
+    latest = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=settings.future_cursor_tolerance)
     try:
         # What run() would do, step by step: restore state from Postgres on a new machine (or
         # after discarding a killed run's leftovers), then extract, normalize and load.
@@ -285,7 +314,7 @@ def land(
             result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
-                      result.rows_rejected)
+                      result.rows_rejected, latest, result.rows_future)
             for s in read
         ]
         if resources:

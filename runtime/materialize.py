@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from psycopg import sql
@@ -52,6 +53,8 @@ class RunContext:
     graph: AssetGraph
     full_refresh: frozenset[str] = frozenset()
     guard: DeleteGuard = DeleteGuard()
+    #: Raises RunLockLost when the run's lock is gone; called before each land and each build.
+    verify_lock: Callable[[], None] = lambda: None
     progress: Progress | None = None
     outcomes: dict[str, AssetOutcome] = field(default_factory=dict)
 
@@ -64,6 +67,7 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     error: SyncError | None = None
     try:
         outcome.step = "land"
+        ctx.verify_lock()
         with ctx.hooks.step(ctx.run, spec.name, "land", tables=[s.raw_table for s in spec.sources]):
             landed = with_retries(ctx.settings, f"{spec.name}: land", lambda: land(
                 spec, ctx.settings, ctx.clients, ctx.url,
@@ -71,6 +75,10 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
                 reject=lambda source, rows: _dead_letters(ctx, spec, source, rows),
                 evolve=lambda source, fields: _evolve(ctx, spec, source, fields, outcome),
             ))
+        for table, n in landed.rows_future.items():
+            ctx.hooks.notice(ctx.run, f"future-cursor:{spec.name}",
+                             f"{spec.name}: {n} row(s) of {table} carry a cursor later than now plus"
+                             " FUTURE_CURSOR_TOLERANCE; they are in dead_letters and the checkpoint stays")
         outcome.rows_read = sum(landed.rows_read.values())
         outcome.rows_dead_lettered = sum(landed.rows_rejected.values())
         outcome.rows_loaded = sum(landed.rows_loaded.values())
@@ -78,6 +86,7 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.checkpoint_before = landed.checkpoint_before
         outcome.checkpoint_after = landed.checkpoint_after
         outcome.step = "build"
+        ctx.verify_lock()
         with ctx.hooks.step(ctx.run, spec.name, "build"):
             built = with_retries(ctx.settings, f"{spec.name}: build", lambda: _build(ctx, spec, landed))
         outcome.rows_written = built.upserted

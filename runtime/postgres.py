@@ -60,11 +60,22 @@ def explain_connect_error(exc: psycopg.OperationalError, endpoint: Endpoint) -> 
     return TransientError(f"DATABASE_URL: cannot connect to {where}: {type(exc).__name__}")
 
 
+def connect_kwargs(settings: Settings | None = None) -> dict[str, object]:
+    """What every connection the pipeline opens itself carries: TCP keepalives (a dead peer is
+    noticed in about a minute, not hours) and, with settings, statement and lock timeouts."""
+    kwargs: dict[str, object] = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+                                 "keepalives_interval": 10, "keepalives_count": 3}
+    if settings is not None:
+        kwargs["options"] = (f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
+                             f" -c lock_timeout={int(settings.lock_timeout * 1000)}")
+    return kwargs
+
+
 def check_connection(url: str) -> Endpoint:
     """Connect once; raise a CredentialError or TransientError that names the problem."""
     endpoint = Endpoint.parse(url)
     try:
-        with psycopg.connect(url, connect_timeout=10) as conn:
+        with psycopg.connect(url, **connect_kwargs()) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         raise explain_connect_error(exc, endpoint) from None
@@ -73,7 +84,8 @@ def check_connection(url: str) -> Endpoint:
 
 def open_pool(url: str, settings: Settings) -> ConnectionPool:
     """One pool per run, shared by every asset for bookkeeping and derived builds."""
-    pool = ConnectionPool(url, min_size=1, max_size=settings.max_parallel + 2, open=False, kwargs={"autocommit": True})
+    pool = ConnectionPool(url, min_size=1, max_size=settings.max_parallel + 2, open=False,
+                          kwargs={"autocommit": True, **connect_kwargs(settings)})
     pool.open(wait=True, timeout=30)
     return pool
 

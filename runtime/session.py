@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from assets import ALL_ASSETS
@@ -13,7 +14,9 @@ from graph import AssetGraph
 from runtime import bigquery
 from runtime.bigquery import BigQueryClients
 from runtime.contract import ensure_contract
-from runtime.postgres import Catalog, Endpoint, check_connection, explain_connect_error, open_pool, prepare_schemas
+from runtime.postgres import (
+    Catalog, Endpoint, check_connection, connect_kwargs, explain_connect_error, open_pool, prepare_schemas,
+)
 from runtime.settings import Settings
 
 #: pg_try_advisory_lock key of the whole pipeline: one run at a time per database.
@@ -24,6 +27,26 @@ class RunLockHeld(SyncError):
     """Another run holds the lock; this one does no work and ends successfully."""
 
     exit_code = 0
+
+
+class RunLockLost(SyncError):
+    """The run's lock went away mid-run (its connection dropped): the run stops at a safe point,
+    since another run may now hold it."""
+
+
+def verify_lock(conn: psycopg.Connection) -> None:
+    """Raise RunLockLost unless the lock's connection is alive and still holds the run lock."""
+    try:
+        held = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            " AND granted AND ((classid::bigint << 32) | objid::bigint) = %s)",
+            (RUN_LOCK_KEY,),
+        ).fetchone()[0]
+    except psycopg.Error as exc:
+        raise RunLockLost(f"the run lock's connection is gone ({type(exc).__name__}); stopping, since another "
+                          "run may hold the lock now") from None
+    if not held:
+        raise RunLockLost("the run lock is no longer held; stopping, since another run may hold it now")
 
 
 def preflight(settings: Settings) -> tuple[str, Endpoint, BigQueryClients]:
@@ -43,8 +66,23 @@ def check_app_tables(settings: Settings, graph: AssetGraph) -> None:
     """The application's tables, checked (or created in an empty database) before a run starts."""
     url = settings.postgres_url()
     try:
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(url, autocommit=True, **connect_kwargs(settings)) as conn:
             ensure_contract(conn, Catalog(settings), [graph.spec(n) for n in graph.names])
+    except psycopg.OperationalError as exc:
+        raise explain_connect_error(exc, Endpoint.parse(url)) from None
+
+
+def last_success(settings: Settings):  # noqa: ANN201 - datetime | None
+    """When an asset last synced successfully (the app's sync_status), or None."""
+    url = settings.postgres_url()
+    catalog = Catalog(settings)
+    try:
+        with psycopg.connect(url, autocommit=True, **connect_kwargs(settings)) as conn:
+            if conn.execute("SELECT to_regclass(%s) IS NULL", (f'"{catalog.dest_name}"."sync_status"',)).fetchone()[0]:
+                return None
+            return conn.execute(sql.SQL(
+                "SELECT max(updated_at) FROM {} WHERE last_sync_status IN ('success', 'partial')"
+            ).format(catalog.sync_status)).fetchone()[0]
     except psycopg.OperationalError as exc:
         raise explain_connect_error(exc, Endpoint.parse(url)) from None
 
@@ -74,7 +112,7 @@ class Session:
 def open_session(settings: Settings, graph: AssetGraph) -> Session:
     url, endpoint, clients = preflight(settings)
     try:
-        lock_conn = psycopg.connect(url, autocommit=True)
+        lock_conn = psycopg.connect(url, autocommit=True, **connect_kwargs(settings))
     except psycopg.OperationalError as exc:
         clients.close()
         raise explain_connect_error(exc, endpoint) from None

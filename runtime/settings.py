@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     #: MASS_DELETE_MIN_ROWS rows deletes nothing and fails (`--allow-mass-delete` lets one run).
     mass_delete_max_share: float = Field(default=0.05, ge=0, le=1)
     mass_delete_min_rows: int = Field(default=100, ge=0)
+    #: Seconds one statement of the pipeline's own connections may run, and may wait for a lock
+    #: (an application holding a table lock makes the asset fail, naming who holds it).
+    statement_timeout: float = Field(default=3600.0, gt=0)
+    lock_timeout: float = Field(default=60.0, gt=0)
+    #: Alert when runs have been skipped on a held run lock and no sync succeeded for this long (s).
+    stale_after: float = Field(default=3 * 3600.0, gt=0)
+    #: A cursor value later than now plus this many seconds never becomes the checkpoint: its
+    #: row goes to dead letters, and an alert says so.
+    future_cursor_tolerance: float = Field(default=3600.0, ge=0)
     batch_size: int = Field(default=1000, ge=1)
     max_parallel: int = Field(default=4, ge=1, le=64)
     #: Tries after the first for transient failures, and the exponential backoff's base and cap (s).
