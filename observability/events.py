@@ -27,6 +27,8 @@ class AssetOutcome:
     rows_written: int = 0
     rows_deleted: int = 0
     rows_dead_lettered: int = 0
+    #: Raw rows a key reconciliation found gone from the source (marked deleted).
+    rows_reconciled: int = 0
     #: Rows of other tables that went with this asset's deletes (cascades): `schema.table` → rows.
     cascade: dict[str, int] = field(default_factory=dict)
     schema_changes: int = 0

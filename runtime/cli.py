@@ -29,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
                    help="re-read the selected assets' sources from scratch and reconcile the app tables in place")
     p.add_argument("--allow-mass-delete", action="store_true",
                    help="let this run delete more than MASS_DELETE_MAX_SHARE of an app table (rows the source lost)")
+    p.add_argument("--reconcile", action="store_true",
+                   help="also read each source table's keys and remove app rows whose source rows are gone")
     p.add_argument("--replay-dead-letters", action="store_true",
                    help="re-validate the selected assets' dead letters, land the rows that now pass, and exit")
     p.add_argument("--demo", action="store_true",
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     state = sync_flow(
         assets=[str(selection)], full_refresh=args.full_refresh, allow_mass_delete=args.allow_mass_delete,
-        log_format=args.log_format,
+        reconcile=args.reconcile, log_format=args.log_format,
         show_progress=sys.stderr.isatty(), return_state=True,
     )
     # Prefect's flow-run span ends after the flow returns: send it, and the metrics, now.

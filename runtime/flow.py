@@ -177,6 +177,7 @@ def execute(
     *,
     full_refresh: bool = False,
     allow_mass_delete: bool = False,
+    reconcile: bool = False,
     settings: Settings | None = None,
     hooks: Hook | None = None,
     progress: Progress | None = None,
@@ -212,7 +213,7 @@ def execute(
             catalog=session.catalog, hooks=hooks, run=run, graph=subgraph,
             full_refresh=frozenset(names) if full_refresh else frozenset(), progress=progress,
             guard=DeleteGuard.of(settings, allowed=allow_mass_delete),
-            verify_lock=lambda: verify_lock(session.lock_conn),
+            verify_lock=lambda: verify_lock(session.lock_conn), reconcile=reconcile,
         )
         hooks.run_started(run)
         report.trace_id = run.trace_id
@@ -237,6 +238,7 @@ def sync_flow(
     assets: list[str] | None = None,
     full_refresh: bool = False,
     allow_mass_delete: bool = False,
+    reconcile: bool = False,
     log_format: str = "text",
     show_progress: bool = False,
 ) -> RunReport:
@@ -248,6 +250,7 @@ def sync_flow(
         assets or ["*"],
         full_refresh=full_refresh,
         allow_mass_delete=allow_mass_delete,
+        reconcile=reconcile,
         hooks=default_hooks(json_logs=log_format == "json", extra=[progress] if progress else []),
         progress=progress.update if progress else None,
     )

@@ -137,6 +137,8 @@ class LandResult:
     #: Rows held back because their cursor was in the future (also in rows_rejected).
     rows_future: dict[str, int] = field(default_factory=dict)
     stand_ins: list[SourceTable] = field(default_factory=list)
+    #: The reader of each source table read (raw table → reader), for reconciliation.
+    readers: dict[str, TableReader] = field(default_factory=dict)
     rows_loaded: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     checkpoint_before: dict[str, str | None] = field(default_factory=dict)
@@ -334,6 +336,7 @@ def land(
                 forget_loaded_packages(pipeline)
     except PipelineStepFailed as exc:
         raise _classify(spec, exc) from exc
+    result.readers = readers
     for source in read:
         result.rows_read[source.raw_table] = readers[source.raw_table].stats.rows
         result.bytes_read += readers[source.raw_table].stats.bytes

@@ -19,6 +19,7 @@ from observability.hooks import Hook
 from runtime.bigquery import BigQueryClients
 from runtime.build import BuildResult, build_asset
 from runtime.deletes import DeleteGuard
+from runtime.reconcile import reconcile_source
 from runtime.load import LandResult, Progress, land
 from runtime.retry import with_retries
 from runtime.schema import (
@@ -53,6 +54,8 @@ class RunContext:
     graph: AssetGraph
     full_refresh: frozenset[str] = frozenset()
     guard: DeleteGuard = DeleteGuard()
+    #: Also reconcile keys: raw rows whose key the source no longer has are marked deleted.
+    reconcile: bool = False
     #: Raises RunLockLost when the run's lock is gone; called before each land and each build.
     verify_lock: Callable[[], None] = lambda: None
     progress: Progress | None = None
@@ -85,6 +88,11 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.bytes_read = landed.bytes_read
         outcome.checkpoint_before = landed.checkpoint_before
         outcome.checkpoint_after = landed.checkpoint_after
+        if ctx.reconcile:
+            outcome.step = "reconcile"
+            with ctx.hooks.step(ctx.run, spec.name, "reconcile"):
+                outcome.rows_reconciled = with_retries(ctx.settings, f"{spec.name}: reconcile",
+                                                       lambda: _reconcile(ctx, spec, landed))
         outcome.step = "build"
         ctx.verify_lock()
         with ctx.hooks.step(ctx.run, spec.name, "build"):
@@ -155,6 +163,14 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
         with ctx.hooks.step(ctx.run, spec.name, "build_table", table=spec.table):
             return build_asset(conn, ctx.catalog, spec, ctx.settings, full=spec.name in ctx.full_refresh,
                                guard=ctx.guard, run_id=ctx.run.run_id)
+
+
+def _reconcile(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> int:
+    with ctx.pool.connection() as conn:
+        return sum(
+            reconcile_source(conn, ctx.catalog, source, landed.readers[source.raw_table])
+            for source in spec.sources if source.raw_table in landed.readers
+        )
 
 
 def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from runtime.flow import RunFailed, RunReport, sync_flow
 
 
-def sync(*assets: str, full_refresh: bool = False, allow_mass_delete: bool = False) -> RunReport:
+def sync(*assets: str, full_refresh: bool = False, allow_mass_delete: bool = False,
+         reconcile: bool = False) -> RunReport:
     """Run the Prefect flow in-process on the session's test server; return its report."""
     return report_of(sync_flow(assets=list(assets) or ["*"], full_refresh=full_refresh,
-                               allow_mass_delete=allow_mass_delete, return_state=True))
+                               allow_mass_delete=allow_mass_delete, reconcile=reconcile, return_state=True))
 
 
 def report_of(state) -> RunReport:  # noqa: ANN001 - a Prefect State
