@@ -52,5 +52,11 @@ class BuildError(PermanentError):
     """The derived-table build in Postgres failed or cannot start."""
 
 
+class Cancelled(SyncError):
+    """The operator stopped the run (Ctrl-C, SIGTERM): work stopped at a safe point."""
+
+    exit_code = 130
+
+
 class UpstreamFailed(SyncError):
     """An asset was not run because an asset it depends on failed."""

@@ -40,7 +40,7 @@ def trace_url(trace_id: str | None) -> str | None:
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task (so lines reach the UI), standard logging outside."""
-    try:
+    if "prefect" in sys.modules:  # never import Prefect for an in-process run just to ask
         from prefect.exceptions import MissingContextError
         from prefect.logging import get_run_logger
 
@@ -48,8 +48,6 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
             return get_run_logger()
         except MissingContextError:
             pass
-    except ImportError:  # pragma: no cover - prefect is a dependency
-        pass
     return logging.getLogger("gong_sync")
 
 
@@ -131,7 +129,8 @@ class LoggingHook(Hook):
         self._emit(logging.WARNING, "run.notice", run_id=run.run_id, topic=topic, text=text)
 
     def asset_finished(self, run: RunInfo, outcome: AssetOutcome, error: BaseException | None) -> None:
-        level = {"success": logging.INFO, "skipped": logging.WARNING}.get(outcome.status, logging.ERROR)
+        level = {"success": logging.INFO, "skipped": logging.WARNING, "cancelled": logging.WARNING}.get(
+            outcome.status, logging.ERROR)
         self._emit(
             level,
             "asset.end",

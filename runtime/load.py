@@ -20,7 +20,7 @@ from dlt.common.exceptions import TransientException as DltTransientException
 from dlt.common.pipeline import ExtractInfo
 from dlt.pipeline.exceptions import PipelineStepFailed
 
-from assets.errors import PermanentError, SourceTableMissing, SyncError, TransientError
+from assets.errors import Cancelled, PermanentError, SourceTableMissing, SyncError, TransientError
 from assets.spec import AssetSpec, SourceTable
 from runtime import dlt_setup  # noqa: F401 - configures dlt for this process before any pipeline
 from runtime.bigquery import BigQueryClients, TableReader, dataset_exists
@@ -235,6 +235,7 @@ def split_future(table: pa.Table, source: SourceTable, latest: dt.datetime) -> t
 def _resource(
     source: SourceTable, reader: TableReader, plan: SourcePlan, batch_size: int, progress: Progress | None,
     reject: Rejects | None, counts: dict[str, int], latest: dt.datetime, future: dict[str, int],
+    cancel: threading.Event,
 ):
     @dlt.resource(
         name=source.raw_table,
@@ -249,6 +250,8 @@ def _resource(
     ) -> Iterator[pa.Table]:
         # start_value is the last checkpoint; None on the first run, which reads all history.
         for table in reader.read(source.columns, source.cursor, cursor.start_value):
+            if cancel.is_set():  # a safe point: nothing of this extract is loaded, the checkpoint stays
+                raise Cancelled("cancelled by the operator while reading; nothing of this read was loaded")
             if progress:
                 progress(source.raw_table, reader.stats.rows)
             table, rejects = validate(plan.adapt(table), source, batch_size)
@@ -276,6 +279,7 @@ def land(
     progress: Progress | None = None,
     reject: Rejects | None = None,
     evolve: Evolve | None = None,
+    cancel: threading.Event | None = None,
 ) -> LandResult:
     """Read each source table past its checkpoint and merge it into the raw schema.
 
@@ -316,7 +320,7 @@ def land(
             result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
-                      result.rows_rejected, latest, result.rows_future)
+                      result.rows_rejected, latest, result.rows_future, cancel or threading.Event())
             for s in read
         ]
         if resources:

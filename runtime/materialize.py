@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from assets.errors import PermanentError, SyncError
+from assets.errors import Cancelled, PermanentError, SyncError
 from assets.spec import AssetSpec, SourceTable
 from graph import AssetGraph
 from observability.events import AssetOutcome, RunInfo
@@ -58,6 +59,8 @@ class RunContext:
     reconcile: bool = False
     #: Raises RunLockLost when the run's lock is gone; called before each land and each build.
     verify_lock: Callable[[], None] = lambda: None
+    #: Set when the operator stops the run: assets stop at their next safe point.
+    cancel: threading.Event = field(default_factory=threading.Event)
     progress: Progress | None = None
     outcomes: dict[str, AssetOutcome] = field(default_factory=dict)
 
@@ -70,11 +73,11 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     error: SyncError | None = None
     try:
         outcome.step = "land"
-        ctx.verify_lock()
+        _safe_point(ctx)
         with ctx.hooks.step(ctx.run, spec.name, "land", tables=[s.raw_table for s in spec.sources]):
             landed = with_retries(ctx.settings, f"{spec.name}: land", lambda: land(
                 spec, ctx.settings, ctx.clients, ctx.url,
-                full_refresh=spec.name in ctx.full_refresh, progress=ctx.progress,
+                full_refresh=spec.name in ctx.full_refresh, progress=ctx.progress, cancel=ctx.cancel,
                 reject=lambda source, rows: _dead_letters(ctx, spec, source, rows),
                 evolve=lambda source, fields: _evolve(ctx, spec, source, fields, outcome),
             ))
@@ -94,7 +97,7 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
                 outcome.rows_reconciled = with_retries(ctx.settings, f"{spec.name}: reconcile",
                                                        lambda: _reconcile(ctx, spec, landed))
         outcome.step = "build"
-        ctx.verify_lock()
+        _safe_point(ctx)
         with ctx.hooks.step(ctx.run, spec.name, "build"):
             built = with_retries(ctx.settings, f"{spec.name}: build", lambda: _build(ctx, spec, landed))
         outcome.rows_written = built.upserted
@@ -105,7 +108,7 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.step = None
     except SyncError as exc:
         error = exc
-        outcome.status = "failed"
+        outcome.status = "cancelled" if isinstance(exc, Cancelled) else "failed"
         outcome.error = str(exc)
         outcome.error_type = type(exc).__name__
     outcome.duration_s = time.perf_counter() - started
@@ -117,6 +120,13 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     if error is not None:
         raise error
     return outcome
+
+
+def _safe_point(ctx: RunContext) -> None:
+    """Between steps: stop if the operator cancelled the run or its lock is gone."""
+    if ctx.cancel.is_set():
+        raise Cancelled("cancelled by the operator; checkpoints and tables as the last finished step left them")
+    ctx.verify_lock()
 
 
 def _evolve(ctx: RunContext, spec: AssetSpec, source: SourceTable, fields: list, outcome: AssetOutcome) -> SourcePlan:

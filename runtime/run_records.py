@@ -25,7 +25,7 @@ _DDL = """CREATE TABLE IF NOT EXISTS {} (
     started_at timestamptz NOT NULL,
     finished_at timestamptz NOT NULL,
     duration_s double precision NOT NULL,
-    status text NOT NULL CHECK (status IN ('success', 'failed', 'skipped')),
+    status text NOT NULL CHECK (status IN ('success', 'failed', 'skipped', 'cancelled')),
     rows_read bigint NOT NULL DEFAULT 0,
     rows_loaded bigint NOT NULL DEFAULT 0,
     rows_written bigint NOT NULL DEFAULT 0,

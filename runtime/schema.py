@@ -27,7 +27,7 @@ from google.cloud.bigquery import SchemaField
 from psycopg import sql
 
 from assets.spec import Fit, SourceTable
-from runtime.postgres import Catalog, has_primary_key
+from runtime.postgres import LOAD_ORDER, Catalog, has_primary_key
 
 log = logging.getLogger("gong_sync.schema")
 
@@ -235,7 +235,7 @@ def plan_source(
             plan.changes.append(Change(name, "type_changed", old, new.kind, action))
     source_names = set(landing.values())
     for name in existing:
-        if name not in source_names and not name.startswith("_dlt") and "__v_" not in name:
+        if name not in source_names and not name.startswith(("_dlt", LOAD_ORDER)) and "__v_" not in name:
             plan.changes.append(Change(name, "removed", existing[name], None, "kept_values"))
     if alters:
         _alter(conn, catalog, raw_table, alters)
