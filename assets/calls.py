@@ -28,7 +28,8 @@ _WINNERS = """
 """
 
 # `duration` is seconds; a source that sends fractions is rounded half away from zero (Postgres's
-# round on numeric), and the exact value stays in metadata.duration.
+# round on numeric); whenever duration_seconds is not the exact value (a fraction, beyond an
+# integer, not a number), the exact value stays in metadata.duration.
 ROWS = """
     SELECT coalesce(a.id, {fn_uuid}('calls', w.id)) AS id,
            w.id AS gong_call_id,
@@ -41,7 +42,9 @@ ROWS = """
                                          '_fivetran_deleted', '_fivetran_synced', '_dlt_load_id', '_dlt_id',
                                          '_gs_seq']
                || jsonb_build_object('gong_url', w.j -> 'url')
-               || CASE WHEN mod({fn_try_numeric}(w.j ->> 'duration'), 1) <> 0
+               || CASE WHEN w.j ->> 'duration' IS NOT NULL
+                        AND ({fn_try_integer}(w.j ->> 'duration') IS NULL
+                             OR {fn_try_integer}(w.j ->> 'duration') <> {fn_try_numeric}(w.j ->> 'duration'))
                        THEN jsonb_build_object('duration', w.j -> 'duration') ELSE jsonb_build_object() END
            ) AS metadata,
            ({fn_try_timestamptz}(w.j ->> 'scheduled') AT TIME ZONE 'UTC')::date AS date

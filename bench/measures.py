@@ -130,6 +130,9 @@ class SyncRun:
     peak_rss_mb: float
     rows_read: int
     rows_loaded: int
+    #: Rows of the application's tables inserted or updated, and deleted.
+    rows_written: int
+    rows_deleted: int
     outcomes: list[dict]
 
 
@@ -165,5 +168,7 @@ def project_sync(env: dict[str, str], selection: str, folder: Path, name: str) -
         peak_rss_mb=report["peak_rss_mb"],
         rows_read=sum(o["rows_read"] for o in outcomes),
         rows_loaded=sum(o["rows_loaded"] for o in outcomes),
+        rows_written=sum(o["rows_written"] for o in outcomes),
+        rows_deleted=sum(o["rows_deleted"] for o in outcomes),
         outcomes=outcomes,
     )

@@ -69,6 +69,9 @@ def summarize(size: dict) -> dict:
         "baseline_rows": samples[0]["baseline"]["rows"],
         "changed_rows": median(samples, "changed_rows"),
         "incremental_rows_loaded": median(samples, "incremental", "rows_loaded"),
+        # Rows of the application's tables: after the full sync, and written by the other runs.
+        "app_rows": samples[0]["app_rows"],
+        "app_rows_written": {k: median(samples, k, "rows_written") for k in ("full", "incremental", "no_change")},
         "peak_rss_mb": {k: max(s[k]["peak_rss_mb"] for s in samples) for k in ("full", "incremental", "no_change")},
         "ratios": {
             "full_vs_copy": values["full_vs_copy"],
@@ -110,6 +113,7 @@ def table(size: dict) -> str:
     copy = rate["copy_limit"]
     lines = [
         f"{rows:,} rows ({', '.join(f'{t} {n:,}' for t, n in size['tables'].items() if n >= 1000)}, ...)",
+        f"into the application's tables: {', '.join(f'{t} {n:,}' for t, n in s['app_rows'].items() if n)}",
         "",
         "| measurement | seconds | rows/s | × raw COPY |",
         "|---|---:|---:|---:|",
@@ -118,7 +122,8 @@ def table(size: dict) -> str:
         f"| REST query + dlt defaults (baseline, {s['baseline_rows']:,}-row subset) | {sec['baseline_subset']:.1f} | {rate['baseline']:,.0f} | {rate['baseline'] / copy:.3f} |",
         f"| this project, full sync (whole process) | {sec['sync_full']:.1f} | {rate['sync_full']:,.0f} | {rate['sync_full'] / copy:.2f} |",
         f"| this project, full sync (inside the process) | {sec['sync_full_in_process']:.1f} | {rate['sync_full_in_process']:,.0f} | {rate['sync_full_in_process'] / copy:.2f} |",
-        f"| incremental, {s['changed_rows']:,.0f} rows changed (whole process) | {sec['sync_incremental']:.1f} | | |",
+        f"| incremental, {s['changed_rows']:,.0f} rows changed, {s['app_rows_written']['incremental']:,.0f} app rows"
+        f" written (whole process) | {sec['sync_incremental']:.1f} | | |",
         f"| no change (whole process) | {sec['sync_no_change']:.1f} | | |",
     ]
     if "sync_no_change_ephemeral_prefect" in sec:

@@ -20,7 +20,10 @@ SELECTION = "*"
 
 def _sync_summary(run: SyncRun) -> dict[str, object]:
     summary = asdict(run)
-    summary["outcomes"] = [{k: o[k] for k in ("asset", "rows_read", "rows_loaded", "duration_s")} for o in run.outcomes]
+    summary["outcomes"] = [
+        {k: o[k] for k in ("asset", "rows_read", "rows_loaded", "rows_written", "rows_deleted", "duration_s")}
+        for o in run.outcomes
+    ]
     return summary
 
 
@@ -53,10 +56,14 @@ def repetition(world: World, number: int, baseline_fraction: float, work: Path, 
         # The emulator's ports change when it restarts: the environment is built for each run.
         full = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "full")
         log.info("  full sync %.2f s (in-process run %.2f s), peak %.0f MB", full.wall_s, full.run_s, full.peak_rss_mb)
+        # What reached the application's tables (a sync that wrote nothing there measures nothing).
+        sample["app_rows"] = world.app_rows(url)
+        log.info("  app tables: %s", ", ".join(f"{t} {n}" for t, n in sample["app_rows"].items()))
         sample["changed_rows"] = world.change_one_percent(number + 1)
         world.restart_emulator()
         incremental = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "incremental")
-        log.info("  incremental (%d rows changed) %.2f s", sample["changed_rows"], incremental.wall_s)
+        log.info("  incremental (%d rows changed, %d app rows written) %.2f s", sample["changed_rows"],
+                 incremental.rows_written, incremental.wall_s)
         no_change = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "no_change")
         log.info("  no change %.2f s", no_change.wall_s)
         sample.update(full=_sync_summary(full), incremental=_sync_summary(incremental), no_change=_sync_summary(no_change))

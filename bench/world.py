@@ -18,10 +18,12 @@ import psycopg
 from google.cloud import bigquery
 from psycopg import sql
 
+from assets.app_schema import TABLES as APP_TABLES
 from runtime.local.embedded_pg import EmbeddedPostgres
 from runtime.local.emulator import BigQueryEmulator, free_port
 from runtime.local.seed import DEFAULT_DATASETS, SOURCE_SCHEMAS, seed_workspace
 from runtime.local.source_schema import table_label
+from runtime.settings import Settings
 
 #: Monologues per call in the synthetic workspace (2 to 5, uniformly): calls for N transcript rows.
 TRANSCRIPTS_PER_CALL = 3.5
@@ -195,6 +197,16 @@ class World:
         finally:
             with psycopg.connect(self.admin_url, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def app_rows(self, database_url: str) -> dict[str, int]:
+        """Rows in each of the application's tables the sync fills (DESTINATION_SCHEMA, `public`)."""
+        schema = os.environ.get("DESTINATION_SCHEMA") or Settings.model_fields["destination_schema"].default
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            return {
+                table: conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(
+                    sql.Identifier(schema), sql.Identifier(table))).fetchone()[0]
+                for table in APP_TABLES
+            }
 
     # -- the pipeline's environment ------------------------------------------------------------
 

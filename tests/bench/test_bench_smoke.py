@@ -53,3 +53,16 @@ def test_bench_runs_and_writes_its_results(tmp_path: Path) -> None:
     assert 0 < summary["changed_rows"] <= summary["incremental_rows_loaded"] < summary["rows"] / 5
     (sample,) = size["samples"]
     assert sample["no_change"]["rows_loaded"] == 0
+    # The sync filled the application's tables (schema public), not only the raw replicas: the
+    # monologues of live calls are transcripts rows, and every asset has its sync_status row.
+    app = summary["app_rows"]
+    assert set(app) == {"calls", "speakers", "transcripts", "users", "opportunities", "emails", "call_opportunities",
+                        "sync_status"}
+    assert app["transcripts"] > 0.9 * size["tables"]["gong.transcript"]
+    assert app["calls"] > 0 and app["speakers"] > 0 and app["users"] > 0
+    assert app["sync_status"] == 7
+    assert summary["app_rows_written"]["full"] >= app["calls"] + app["speakers"] + app["transcripts"]
+    # The changed rows reached the app; with nothing new, nothing is rewritten.
+    assert 0 < summary["app_rows_written"]["incremental"] < summary["rows"] / 5
+    assert summary["app_rows_written"]["no_change"] == 0
+    assert "app rows written" in done.stdout and f"transcripts {app['transcripts']:,}" in done.stdout

@@ -1,47 +1,81 @@
-"""Merging changes into a large raw table finds the rows to replace through its primary key.
+"""Incremental work on large tables goes through indexes, not whole-table scans.
 
 dlt's delete-insert merge runs `DELETE FROM raw.t AS d WHERE EXISTS (SELECT 1 FROM staging.t AS s
 WHERE d.k = s.k ...)`. Without an index that is a scan of the whole raw table on every run;
-`secure_raw_table` gives the table its primary key. This test lands a realistic transcript table,
-changes 1% of it, lands again, and asks Postgres for the plan of the very statement dlt wrote.
-The second test asks the same of the build's DELETE of dropped destination rows.
+`secure_raw_table` gives the table its primary key. The first test lands a realistic transcript
+table, changes 1% of it, lands again, and asks Postgres for the plan of the very statement dlt
+ran (a statement trigger records its text as it runs).
+
+The second asks the same of the incremental transcripts build after a full sync: building the
+app rows of the changed monologues, and finding the app rows whose source rows are gone, must
+fetch them by key from the large raw transcript table and the app's transcripts table.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
-from decimal import Decimal
-from pathlib import Path
+import uuid
 
+import psycopg
+from google.cloud import bigquery
 from psycopg import sql
 
 from assets.transcripts import ASSET as TRANSCRIPTS
+from graph import Selection, default_graph
+from observability.events import RunInfo
+from observability.hooks import HookSet
 from runtime.bigquery import connect
-from runtime.build import build_asset, delete_dropped_query, stage_changed_rows
+from runtime.build import CHANGED, GONE, ROWS, BuildSql, _stage_changed
+from runtime.deletes import DeleteGuard
 from runtime.load import LandResult, land
 from runtime.local.seed import seed_workspace
+from runtime.materialize import RunContext, materialize_asset
 from runtime.postgres import Catalog, prepare_schemas, secure_raw_table
+from runtime.session import open_session
 from runtime.settings import load_settings
 
 #: About 50,000 transcript rows: large enough that a scan of the raw table is the costly plan.
 CALLS = 15_000
 
 
-def _merge_delete(pipelines_dir: Path, raw_table: str) -> str:
-    """The DELETE dlt wrote for the last merge of `raw_table` (kept with the completed package)."""
+#: A statement trigger on the raw table keeps the text of every DELETE that runs on it, as the
+#: client sent it (`current_query()`): the very statements dlt ran, whatever dlt keeps on disk.
+_PROBE = """
+    CREATE SCHEMA IF NOT EXISTS probe;
+    CREATE TABLE IF NOT EXISTS probe.deletes (at timestamptz NOT NULL DEFAULT clock_timestamp(), query text);
+    CREATE OR REPLACE FUNCTION probe.remember() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO probe.deletes (query) VALUES (current_query()); RETURN NULL; END $$;
+    CREATE TRIGGER probe_deletes AFTER DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION probe.remember();
+"""
+
+
+def _merge_delete(conn: psycopg.Connection, raw_table: str) -> str:
+    """The DELETE dlt ran for the last merge of `raw_table`, as the probe recorded it."""
     found = []
-    for path in pipelines_dir.rglob("*.sql"):
-        for statement in path.read_text().splitlines():  # one statement per line
+    for at, query in conn.execute("SELECT at, query FROM probe.deletes ORDER BY at").fetchall():
+        for statement in re.split(r";\s*(?:\n|$)|\n", query):  # one statement per line or per `;`
             if re.search(rf"DELETE\s+FROM\s+\S*{raw_table}\S*\s+as\s+d\s+WHERE\s+EXISTS", statement, re.I):
-                found.append((path.stat().st_mtime, statement.strip()))
-    assert found, f"no merge DELETE for {raw_table} under the pipelines folder"
-    return max(found)[1]
+                found.append((at, statement.strip().rstrip(";")))
+    assert found, f"no merge DELETE ran on {raw_table}"
+    return found[-1][1]
 
 
-def _land_then_change(env, change: str, *, build: bool = False) -> tuple[LandResult, LandResult, Catalog]:
-    """Land the seeded transcripts and secure the raw table (with `build`: build the destination
-    too, analyzed as autovacuum leaves it), then, as a later Fivetran sync, change the transcripts
-    matching `change` and land again."""
+def _change_transcripts(env, where: str, *, deleted: str = "false") -> None:
+    """As a later Fivetran sync: the transcripts matching `where` change (those matching
+    `deleted` are soft-deleted), synced now (after the seed's rows; a cursor in the future would
+    be held back)."""
+    synced = bigquery.ScalarQueryParameter("synced", "TIMESTAMP", dt.datetime.now(dt.UTC))
+    env.bq.query(
+        f"UPDATE `{env.gong('transcript')}` SET topic = 'Renewal', _fivetran_deleted = ({deleted}),"
+        f" _fivetran_synced = @synced WHERE {where}",
+        job_config=bigquery.QueryJobConfig(query_parameters=[synced]),
+    ).result()
+
+
+def _land_then_change(env, change: str) -> tuple[LandResult, LandResult, Catalog]:
+    """Land the seeded transcripts and secure the raw table, then, as a later Fivetran sync,
+    change the transcripts matching `change` and land again."""
     seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=CALLS,
                    tables=["gong.transcript"])
     settings = load_settings()
@@ -54,15 +88,8 @@ def _land_then_change(env, change: str, *, build: bool = False) -> tuple[LandRes
         first = land(TRANSCRIPTS, settings, clients, env.database_url)
         with env.connect() as conn:
             secure_raw_table(conn, catalog, source)
-            if build:
-                build_asset(conn, catalog, TRANSCRIPTS, settings, full=False)
-                # As autovacuum does after a large first build: the planner knows the tables' sizes.
-                conn.execute(sql.SQL("ANALYZE {}").format(catalog.dest_table(TRANSCRIPTS.table)))
-                conn.execute(sql.SQL("ANALYZE {}").format(catalog.raw_table(source.raw_table)))
-        env.bq.query(
-            f"UPDATE `{env.gong('transcript')}` SET topic = 'Renewal', "
-            f"_fivetran_synced = TIMESTAMP '2027-01-01 00:00:00.000001+00' WHERE {change}"
-        ).result()
+            conn.execute(sql.SQL(_PROBE).format(table=catalog.raw_table(source.raw_table)))
+        _change_transcripts(env, change)
         second = land(TRANSCRIPTS, settings, clients, env.database_url)
     finally:
         clients.close()
@@ -77,8 +104,8 @@ def test_merge_into_a_large_raw_table_uses_the_primary_key(env) -> None:
     changed = second.rows_loaded[source.raw_table]
     assert total > 45_000 and 0 < changed < total / 50
 
-    delete = _merge_delete(env.pipelines_dir, source.raw_table)
     with env.connect() as conn:
+        delete = _merge_delete(conn, source.raw_table)
         plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + delete).fetchall())
         rows = conn.execute(f'SELECT count(*) FROM gong_raw."{source.raw_table}"').fetchone()[0]
     assert rows == total
@@ -86,21 +113,105 @@ def test_merge_into_a_large_raw_table_uses_the_primary_key(env) -> None:
     assert f"Seq Scan on {source.raw_table} d" not in plan, plan
 
 
-def test_an_incremental_build_reads_its_built_rows_once_to_find_dropped_ones(env) -> None:
-    # The build's DELETE of rows whose input is gone compares the changed keys with the rows built
-    # for them, two temp tables. Planned on an estimate of one row, it scanned the built rows once
-    # per changed key: 10k changed transcripts took 6 s, 11k speakers 3.4 s.
-    _, _, catalog = _land_then_change(env, "MOD(CAST(call_id AS INT64), 20) = 3", build=True)
+def _materialize(selection: str) -> dict[str, str]:
+    """Every asset of `selection`, in graph order, through the runtime's own materialization
+    (land, secure, build), as a flow run does, without a Prefect server. Returns each status."""
+    settings = load_settings()
+    graph = default_graph()
+    names = Selection.parse([selection]).resolve_ordered(graph)
+    subgraph = graph.subgraph(names)
+    run = RunInfo(run_id=str(uuid.uuid4()), selection=selection, assets=tuple(names))
+    with open_session(settings, subgraph) as session:
+        ctx = RunContext(settings=settings, url=session.url, clients=session.clients, pool=session.pool,
+                         catalog=session.catalog, hooks=HookSet(), run=run, graph=subgraph,
+                         guard=DeleteGuard.of(settings))
+        return {name: materialize_asset(subgraph.spec(name), ctx).status for name in subgraph.names}
+
+
+def _watermark_params(since: dict) -> dict[str, object]:
+    """The `{x_new}` parameters `build_asset` takes from the asset's watermark: the load order
+    (a Postgres sequence) each raw table was built through, kept under "order"."""
+    order = since.get("order")
+    assert isinstance(order, dict), f"an incremental build's watermark holds the raw tables' load order: {since}"
+    return {f"w_{s.slot_name}": int(order.get(s.raw_table, 0)) for s in TRANSCRIPTS.build.inputs}
+
+
+def _plan(conn: psycopg.Connection, build: BuildSql, query: sql.Composable) -> str:
+    return "\n".join(row[0] for row in build.run(conn, sql.SQL("EXPLAIN {}").format(query)).fetchall())
+
+
+def _scans(plan: str, table: str) -> list[str]:
+    """The plan's lines that read `table` (by any access method), without the cost figures."""
+    return [line.split("  (")[0].strip().removeprefix("->").strip() for line in plan.splitlines()
+            if re.search(rf"Scan.* on {re.escape(table)}\b", line)]
+
+
+def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(env) -> None:
+    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=CALLS,
+                   tables=["gong.users", "gong.call", "gong.call_speaker", "gong.transcript"])
+    statuses = _materialize("+transcripts")
+    assert statuses == {"calls": "success", "users": "success", "speakers": "success", "transcripts": "success"}
+    settings = load_settings()
+    catalog = Catalog(settings)
+    source = TRANSCRIPTS.sources[0]
+    raw, app = source.raw_table, TRANSCRIPTS.table
+    with env.connect() as conn:
+        # As autovacuum does after a large first sync: the planner knows the tables' sizes.
+        conn.execute("ANALYZE")
+        total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(catalog.dest_table(app))).fetchone()[0]
+    assert total > 45_000
+
+    # 2% of the calls' transcripts change; a quarter of those are soft-deleted.
+    _change_transcripts(env, "MOD(CAST(call_id AS INT64), 50) = 3",
+                        deleted="MOD(CAST(call_id AS INT64), 200) = 3")
+    clients = connect(settings)
+    try:
+        landed = land(TRANSCRIPTS, settings, clients, env.database_url)
+    finally:
+        clients.close()
+    assert 0 < landed.rows_loaded[raw] < total / 20
 
     with env.connect() as conn, conn.transaction(force_rollback=True):
+        # What build_asset does for an incremental build, up to the statements asked about.
         since = conn.execute(
-            sql.SQL("SELECT loaded_through FROM {} WHERE asset = 'transcripts'").format(catalog.watermarks)
+            sql.SQL("SELECT loaded_through FROM {} WHERE asset = %s").format(catalog.watermarks), (TRANSCRIPTS.name,)
         ).fetchone()[0]
-        params = {table: Decimal(value) for table, value in since.items()}
-        stage_changed_rows(conn, TRANSCRIPTS, {"raw": catalog.raw, "dest": catalog.dest}, params)
-        changed = conn.execute("SELECT count(*) FROM _build_changed").fetchone()[0]
-        delete = delete_dropped_query(TRANSCRIPTS, catalog.dest_table(TRANSCRIPTS.table), full=False)
-        plan = [row[0] for row in conn.execute(sql.SQL("EXPLAIN ANALYZE {}").format(delete)).fetchall()]
-    assert changed > 2_000
-    scans = [line for line in plan if "Scan on _build_rows" in line]
-    assert scans and all("loops=1)" in line for line in scans), "\n".join(plan)
+        params = _watermark_params(since)
+        params.update({f"s_{s}": list(v) if isinstance(v := getattr(settings, s), tuple) else v
+                       for s in TRANSCRIPTS.settings})
+        params["full"] = False
+        build = BuildSql(catalog, TRANSCRIPTS, params)
+        _stage_changed(conn, TRANSCRIPTS, build)
+        changed = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(CHANGED)).fetchone()[0]
+        assert changed == landed.rows_loaded[raw]
+
+        # Building the changed rows: the rows SQL joined to the changed keys, as `_stage_rows`.
+        keys = sql.SQL(", ").join(map(sql.Identifier, TRANSCRIPTS.source_key))
+        rows = sql.SQL("SELECT r.* FROM ({}) r JOIN {} USING ({})").format(build(TRANSCRIPTS.build.rows), CHANGED, keys)
+        built = _plan(conn, build, rows)
+        build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS {}").format(ROWS, rows))
+        conn.execute(sql.SQL("ANALYZE {}").format(ROWS))
+        # Finding the gone ones: changed keys that built no row (a set difference), then the app
+        # rows they name, as `_gone_query` and the build's `gone` SQL.
+        conn.execute(sql.SQL(
+            "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {k} FROM {} EXCEPT SELECT {k} FROM {}"
+        ).format(GONE, CHANGED, ROWS, k=keys))
+        conn.execute(sql.SQL("ANALYZE {}").format(GONE))
+        gone_keys = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(GONE)).fetchone()[0]
+        gone = _plan(conn, build, build(TRANSCRIPTS.build.gone))
+        found = build.run(conn, sql.SQL("SELECT count(*) FROM ({}) g").format(
+            build(TRANSCRIPTS.build.gone))).fetchone()[0]
+        # Soft-deleted monologues of live calls have an app row to delete; those of the seed's
+        # soft-deleted calls (about one in 61) never had one.
+        expected = conn.execute(sql.SQL(
+            "SELECT count(*) FROM {g} g WHERE EXISTS (SELECT 1 FROM {c} c JOIN {t} a ON a.call_id = c.id"
+            " WHERE c.gong_call_id = g.gong_call_id AND a.sequence_number = g.sequence_number)").format(
+            g=GONE, c=catalog.dest_table("calls"), t=catalog.dest_table(app))).fetchone()[0]
+
+    assert 0 < gone_keys < changed and 0 < found == expected <= gone_keys
+    for what, plan in (("building the changed rows", built), ("finding the gone rows", gone)):
+        for table in (raw, app):
+            scans = _scans(plan, table)
+            assert not any("Seq Scan" in s for s in scans), f"{what}: a scan of all of {table}\n{plan}"
+        assert any("Index" in s for s in _scans(plan, app)), f"{what}: {app} is not read by index\n{plan}"
+    assert any("Index" in s for s in _scans(built, raw)), f"building reads {raw} not by index\n{built}"

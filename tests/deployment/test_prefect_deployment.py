@@ -127,9 +127,13 @@ def test_targeted_run_from_the_cli_refreshes_speakers_alone(deployed, env):
     seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=40, tables=GONG_TABLES)
     sync("users,calls,transcripts,speakers")
     update_rows(env.bq, env.gong("call"), {"id": CASES.shared_call_id}, {"title": "Not yet"}, LATER)
-    speaker = env.rows("SELECT id, call_id FROM speakers ORDER BY id LIMIT 1")[0]
-    update_rows(env.bq, env.gong("call_speaker"), {"id": speaker[0], "call_id": speaker[1]}, {"talk_time": 4242.5}, LATER)
-    status_before = dict(env.rows("SELECT entity_type, finished_at FROM sync_status"))
+    # A Gong speaker (call_speaker's id and call_id) and the uuid of its app row.
+    gong_speaker_id, gong_call_id, speaker = env.rows(
+        "SELECT gong_speaker_id, gong_call_id, id FROM gong_sync.speakers_ids WHERE gong_call_id <> %s"
+        " ORDER BY gong_call_id, gong_speaker_id LIMIT 1", (CASES.shared_call_id,))[0]
+    update_rows(env.bq, env.gong("call_speaker"), {"id": gong_speaker_id, "call_id": gong_call_id},
+                {"talk_time": 4242.5}, LATER)
+    status_before = dict(env.rows("SELECT entity_type, updated_at FROM sync_status"))
 
     with deployed.server.worker(POOL):
         result = deployed.server.cli(
@@ -147,9 +151,10 @@ def test_targeted_run_from_the_cli_refreshes_speakers_alone(deployed, env):
     # Scheduled for the moment it was asked for, not for the next hour.
     assert run.expected_start_time.timestamp() - run.created.timestamp() < 5
 
-    assert env.rows("SELECT talk_time FROM speakers WHERE id = %s AND call_id = %s", speaker) == [(4242.5,)]
+    # The app's speakers row kept its uuid and took the new talk time (rounded to whole seconds).
+    assert env.rows("SELECT talk_time_seconds FROM speakers WHERE id = %s", (speaker,)) == [(4243,)]
     assert ("Not yet",) not in env.rows("SELECT title FROM calls")
-    status_after = dict(env.rows("SELECT entity_type, finished_at FROM sync_status"))
+    status_after = dict(env.rows("SELECT entity_type, updated_at FROM sync_status"))
     assert {k for k in status_after if status_after[k] != status_before[k]} == {"speakers"}
     # The deployment's run went through sync_flow and its hooks: the logging hook's lines are
     # in the run's logs on the server.
@@ -187,7 +192,7 @@ def test_a_run_that_collides_with_a_running_one_is_cancelled(deployed, env):
 
         blocker.commit()
         wait_state(client, first.id, "Completed", worker)
-        assert ("Landed later",) in env.rows("SELECT title FROM calls WHERE id = %s", (CASES.shared_call_id,))
+        assert ("Landed later",) in env.rows("SELECT title FROM calls WHERE gong_call_id = %s", (CASES.shared_call_id,))
 
         # Once the first run has ended the slot is free again: the next run starts and completes.
         after = client.create_flow_run_from_deployment(hourly.id, parameters={"assets": ["calls"]})
