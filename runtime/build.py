@@ -340,10 +340,18 @@ def _dead_letter_rejects(conn: psycopg.Connection, catalog: Catalog, spec: Asset
     """Source rows the build leaves out on purpose go to dead letters with their reason (new or
     changed ones counted); they leave once the build takes them again."""
     source = spec.build.inputs[0]
+    # A row the build takes again (its copy became the newer one) leaves dead letters.
+    build.run(conn, sql.SQL(
+        "DELETE FROM {dl} d WHERE d.asset = {asset} AND d.source_table = {table} AND d.errors -> 0 ->> 'kind' = 'build'"
+        " AND d.row_key NOT IN (SELECT k FROM ({rejects}) x (k, pk, r, reason))"
+    ).format(
+        dl=catalog.dead_letters, asset=sql.Placeholder("dl_asset"), table=sql.Placeholder("dl_table"),
+        rejects=build(spec.build.rejects),
+    ), dl_asset=spec.name, dl_table=source.table)
     written = build.run(conn, sql.SQL(
         "INSERT INTO {dl} AS d (asset, source_table, row_key, primary_key, row, errors, run_id)"
-        " SELECT {asset}, {table}, k, pk, r, jsonb_build_array(jsonb_build_object('error', reason)), {run}"
-        " FROM ({rejects}) x (k, pk, r, reason)"
+        " SELECT {asset}, {table}, k, pk, r, jsonb_build_array(jsonb_build_object('error', reason, 'kind', 'build')),"
+        " {run} FROM ({rejects}) x (k, pk, r, reason)"
         " ON CONFLICT (asset, source_table, row_key) DO UPDATE SET row = EXCLUDED.row, errors = EXCLUDED.errors,"
         " run_id = EXCLUDED.run_id, created_at = now() WHERE d.row IS DISTINCT FROM EXCLUDED.row"
     ).format(

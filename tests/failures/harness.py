@@ -9,12 +9,17 @@ import time
 from collections.abc import Callable, Iterator
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from observability.events import RunInfo
 from observability.hooks import Hook, HookSet
-from runtime.flow import TASK_RUNNER_THREADS, RunFailed, RunReport, default_hooks, execute
+from runtime.artifacts import RunArtifacts
+from runtime.flow import (
+    TASK_RUNNER_THREADS, PrefectExecutor, RunFailed, RunReport, _run_link, default_hooks, execute,
+)
 from tests.helpers import report_of
+from tests.runtime import test_sync
 
 #: Hooks the next `run_with_faults` adds to the run's own (flow parameters must be plain values).
 _FAULTS: list[Hook] = []
@@ -54,7 +59,11 @@ class DuringStep(Hook):
 
 @flow(name="gong-sync-under-faults", task_runner=ThreadPoolTaskRunner(max_workers=TASK_RUNNER_THREADS))
 def _faulty_flow(assets: list[str]) -> RunReport:
-    report = execute(assets, hooks=HookSet([default_hooks(), *_FAULTS]))
+    # As `runtime.flow.sync_flow` runs it: assets as task runs, alerts linking to this flow run.
+    report = execute(
+        assets, hooks=HookSet([default_hooks(run_link=_run_link), *_FAULTS]), executor=PrefectExecutor(),
+        flow_run_id=flow_run.id, run_hooks=lambda graph: [RunArtifacts(graph)],
+    )
     if report.failed:
         raise RunFailed(report)
     return report
@@ -94,3 +103,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = 120, what: str 
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def assert_in_step(env) -> None:  # noqa: ANN001 - tests.conftest.Env
+    """The app's tables hold what BigQuery holds (`tests.runtime.test_sync.assert_in_step`)."""
+    test_sync.assert_in_step(env)

@@ -39,6 +39,8 @@ class _Link:
     def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
         self.client = client
         self.upstream = upstream
+        #: The upstream socket's local port: the server sees this connection coming from it.
+        self.upstream_port = upstream.getsockname()[1]
         self.closed = threading.Event()
 
     def close(self, reset: bool = False) -> None:
@@ -101,10 +103,12 @@ class TcpProxy:
 
     # -- faults ----------------------------------------------------------------------------
 
-    def cut(self, reset: bool = True) -> int:
-        """Reset every open connection; new ones are still accepted. Returns how many were cut."""
+    def cut(self, reset: bool = True, sparing: frozenset[int] = frozenset()) -> int:
+        """Reset every open connection but those whose upstream socket has a local port in `sparing`
+        (the server sees them as `client_port`); new ones are still accepted. Returns how many were cut."""
         with self._lock:
-            links, self._links = self._links, set()
+            links = {link for link in self._links if link.upstream_port not in sparing}
+            self._links -= links
             self.cuts += 1 if reset else 0
         for link in links:
             link.close(reset=reset)

@@ -17,7 +17,7 @@ from runtime.postgres import Endpoint
 from runtime.flow import sync_flow
 from tests.failures.harness import DuringStep, materialize, run_with_faults
 from tests.helpers import outcome, sync
-from tests.runtime.test_sync import dest, live_calls
+from tests.runtime.test_sync import actual_calls, expected_calls
 
 LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
 #: The database password in these tests; trust authentication accepts it, no text may show it.
@@ -46,7 +46,7 @@ class BuildBlocker:
     def start(self) -> None:
         self.conn = self.env.connect()
         self.conn.execute("BEGIN")
-        self.conn.execute("LOCK TABLE gong_raw._asset_watermarks IN EXCLUSIVE MODE")
+        self.conn.execute("LOCK TABLE gong_sync.asset_watermarks IN EXCLUSIVE MODE")
         self._thread = threading.Thread(target=self._cancel_waiters, daemon=True)
         self._thread.start()
 
@@ -70,7 +70,7 @@ def test_a_failure_outlasting_the_retries_is_logged_alerted_and_resolved_by_the_
     alert_sink.clear()
     insert_rows(seeded.bq, seeded.gong("call"), [{"id": NEW_CALL, "workspace_id": CASES.workspace_ids[0], "title": "New"}],
                 synced_at=LATER)
-    before = dest(seeded, "SELECT id, workspace_id, title FROM calls")
+    before = seeded.rows("SELECT id, gong_call_id, title, processed_at FROM calls ORDER BY id")
     blocker = BuildBlocker(seeded)
 
     report = run_with_faults("calls", faults=[DuringStep("calls", "build", blocker.start, blocker.stop)])
@@ -90,9 +90,12 @@ def test_a_failure_outlasting_the_retries_is_logged_alerted_and_resolved_by_the_
         f"calls failed at step build: TransientError: {calls.error}; checkpoint stays at {checkpoint}"
     ]
     # Nothing half-built: the destination is as before, the new row waits in the raw table.
-    assert dest(seeded, "SELECT id, workspace_id, title FROM calls") == before
+    assert seeded.rows("SELECT id, gong_call_id, title, processed_at FROM calls ORDER BY id") == before
     assert seeded.rows("SELECT title FROM gong_raw.gong__call WHERE id = %s", (NEW_CALL,)) == [("New",)]
-    assert seeded.rows("SELECT status, message FROM sync_status WHERE entity_type = 'calls'") == [("failed", calls.error)]
+    # The app's sync_status row says so, with the error.
+    assert seeded.rows(
+        "SELECT last_sync_status, error_details ->> 'error', errors_count FROM sync_status WHERE entity_type = 'calls'"
+    ) == [("failed", calls.error, 1)]
 
     # Slack: one message naming the asset, the step, the error and the checkpoint, with the run's link.
     (slack,) = alert_sink.slack()
@@ -122,7 +125,11 @@ def test_a_failure_outlasting_the_retries_is_logged_alerted_and_resolved_by_the_
     alert_sink.clear()
     again = sync("calls")
     assert again.status == "success"
-    assert dest(seeded, "SELECT id, workspace_id, title, duration, started, _fivetran_synced FROM calls") == live_calls(seeded)
+    assert actual_calls(seeded) == expected_calls(seeded)
+    assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = %s", (NEW_CALL,)) == [("New",)]
+    assert {row[:3] for row in before} <= set(seeded.rows("SELECT id, gong_call_id, title FROM calls"))  # ids kept
+    assert seeded.rows("SELECT last_sync_status, error_details -> 'error' FROM sync_status WHERE entity_type = 'calls'") == [
+        ("success", None)]
     assert alert_sink.pagerduty() == [
         {"routing_key": alert_sink.routing_key, "event_action": "resolve", "dedup_key": dedup_key}
     ]

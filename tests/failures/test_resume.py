@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -20,14 +21,14 @@ from assets import ALL_ASSETS
 from runtime.load import open_pipeline
 from runtime.local.seed import CASES, insert_rows, seed_workspace, soft_delete, update_rows
 from runtime.settings import load_settings
-from tests.failures.harness import spawn, wait_until
+from tests.failures.harness import assert_in_step, spawn, wait_until
 from tests.helpers import outcome, sync
-from tests.runtime.test_sync import CORE, GONG_TABLES, assert_in_step
+from tests.runtime.test_sync import CORE, GONG_TABLES
 
 LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
 RAW_KEYS = {
     "gong__users": "id", "gong__call": "id, workspace_id", "gong__transcript": 'call_id, "index", workspace_id',
-    "gong__call_speaker": "id, call_id",
+    "gong__call_speaker": "id, call_id", "gong__call_participant": "id, call_id",
 }
 
 
@@ -44,9 +45,14 @@ def change_the_source(env) -> None:
     insert_rows(env.bq, env.gong("call"), [{"id": "9000000000000000001", "workspace_id": ws, "title": "Brand new"}],
                 synced_at=LATER)
     update_rows(env.bq, env.gong("call"), {"id": CASES.shared_call_id, "workspace_id": ws}, {"title": "Renamed"}, LATER)
-    user_id = env.rows("SELECT user_id FROM speakers WHERE user_id IS NOT NULL ORDER BY user_id LIMIT 1")[0][0]
+    # A Gong user behind some app speaker gets a new email; one of the app's speakers is deleted.
+    user_id = env.rows(
+        "SELECT s.user_id FROM gong_raw.gong__call_speaker s JOIN gong_sync.speakers_ids m"
+        " ON m.gong_call_id = s.call_id AND m.gong_speaker_id = s.id WHERE s.user_id IS NOT NULL ORDER BY 1 LIMIT 1"
+    )[0][0]
     update_rows(env.bq, env.gong("users"), {"id": user_id}, {"email_address": "moved@example.org"}, LATER)
-    speaker = env.rows("SELECT id, call_id FROM speakers ORDER BY id LIMIT 1")[0]
+    speaker = env.rows("SELECT m.gong_speaker_id, m.gong_call_id FROM gong_sync.speakers_ids m JOIN speakers s"
+                       " ON s.id = m.id ORDER BY 1, 2 LIMIT 1")[0]
     soft_delete(env.bq, env.gong("call_speaker"), {"id": speaker[0], "call_id": speaker[1]}, LATER)
 
 
@@ -128,7 +134,8 @@ def test_killed_while_loading_into_postgres(seeded, subprocess_env, tmp_path, ca
         holder.close()
     report = sync(CORE)
     assert report.status == "success", [o.error for o in report.outcomes]
-    assert "calls: finishing 1 load package(s) left by an interrupted run" in caplog.text
+    # The package the killed run left is dealt with first (finished, or discarded and read again).
+    assert re.search(r"calls: (finishing|discarding) 1 load package\(s\) left by an interrupted run", caplog.text)
     assert_in_step(seeded)
     assert_raw_has_no_duplicates(seeded)
     assert_checkpoints_not_ahead_of_data(seeded, tmp_path)
@@ -140,12 +147,12 @@ def test_killed_between_landing_and_building(seeded, subprocess_env, tmp_path):
     holder = seeded.connect()
     holder.execute("BEGIN")
     # Every build starts by locking its watermark row: the run stops after landing, before building.
-    holder.execute("LOCK TABLE gong_raw._asset_watermarks IN EXCLUSIVE MODE")
+    holder.execute("LOCK TABLE gong_sync.asset_watermarks IN EXCLUSIVE MODE")
     process = spawn("--asset", "calls", environ=subprocess_env, log_path=tmp_path / "run.log")
     try:
         wait_until(lambda: blocked_by(holder), 120, "the build to wait for its watermark")
         assert seeded.rows("SELECT title FROM gong_raw.gong__call WHERE id = '9000000000000000001'") == [("Brand new",)]
-        assert seeded.rows("SELECT title FROM calls WHERE id = '9000000000000000001'") == []
+        assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = '9000000000000000001'") == []
         assert_checkpoints_not_ahead_of_data(seeded, tmp_path)
         kill(process)
     finally:
@@ -157,6 +164,11 @@ def test_killed_between_landing_and_building(seeded, subprocess_env, tmp_path):
     # Nothing new to read for calls: the build alone brings the landed rows to the destination.
     assert outcome(report, "calls").rows_loaded == 0
     assert outcome(report, "calls").rows_written >= 2
+    # The speaker deleted at the source goes once; sync_status says what went with it.
+    speakers = outcome(report, "speakers")
+    assert speakers.rows_deleted == 1
+    assert seeded.rows("SELECT (error_details ->> 'deleted')::int, error_details -> 'cascade' FROM sync_status"
+                       " WHERE entity_type = 'speakers'") == [(1, speakers.cascade)]
     assert_in_step(seeded)
     assert_raw_has_no_duplicates(seeded)
 

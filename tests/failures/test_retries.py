@@ -18,13 +18,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from runtime.flow import sync_flow
 from runtime.local.seed import CASES, insert_rows, seed_workspace
 from tests.failures.harness import AtStep, run_with_faults, wait_until
 from tests.helpers import outcome, sync
-from tests.runtime.test_sync import dest, live_calls
+from tests.runtime.test_sync import GONG_TABLES, actual_calls, actual_transcripts, expected_calls, expected_transcripts
 
 LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
-CALL_COLUMNS = "SELECT id, workspace_id, title, duration, started, _fivetran_synced FROM calls"
+#: The app's calls as the app sees them: uuid, Gong id and a few written values.
+CALL_ROWS = "SELECT id, gong_call_id, title, processed_at FROM calls ORDER BY id"
+CALL_STATUS = "SELECT last_sync_status, error_details ->> 'error' FROM sync_status WHERE entity_type = 'calls'"
 
 
 @pytest.fixture
@@ -39,7 +42,7 @@ def retry_lines(caplog, what: str) -> list[str]:
 
 
 def assert_calls_in_step(env) -> None:
-    assert dest(env, CALL_COLUMNS) == live_calls(env)
+    assert actual_calls(env) == expected_calls(env)
     assert env.rows("SELECT count(*) = count(DISTINCT (id, workspace_id)) FROM gong_raw.gong__call") == [(True,)]
 
 
@@ -74,9 +77,25 @@ def test_backends_terminated_before_the_build_are_retried_and_the_run_succeeds(s
     assert_calls_in_step(seeded)
 
 
+def lock_holder_ports(env) -> frozenset[int]:
+    """Where the run lock's connection comes from (its client port), as Postgres sees it."""
+    return frozenset(r[0] for r in env.rows(
+        "SELECT a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()"
+    ))
+
+
 def test_connections_reset_while_landing_are_retried(seeded, pg_proxy, caplog):
     cut: list[int] = []
-    report = run_with_faults("calls", faults=[AtStep("calls", "land", lambda: cut.append(pg_proxy.cut()))])
+
+    def reset_all_but_the_lock() -> None:
+        # The run lock's own connection is spared: losing it stops a run on purpose (another run
+        # may take the lock), which is no transient failure to retry.
+        spared = lock_holder_ports(seeded)
+        assert len(spared) == 1
+        cut.append(pg_proxy.cut(sparing=spared))
+
+    report = run_with_faults("calls", faults=[AtStep("calls", "land", reset_all_but_the_lock)])
     assert cut and cut[0] >= 1
     assert outcome(report, "calls").status == "success", outcome(report, "calls").error
     assert any(re.fullmatch(r"calls: land: attempt 1 of 4 failed \(.+\); retrying in \d+\.\d\ds", line)
@@ -121,7 +140,7 @@ def test_a_serialization_failure_in_the_build_is_retried(seeded, caplog):
         # Another session updates the watermark row and commits while the build waits for it:
         # the build's REPEATABLE READ snapshot can no longer lock that row.
         writer.execute("BEGIN")
-        writer.execute("UPDATE gong_raw._asset_watermarks SET built_at = now() WHERE asset = 'calls'")
+        writer.execute("UPDATE gong_sync.asset_watermarks SET built_at = now() WHERE asset = 'calls'")
 
         def commit_once_blocking() -> None:
             wait_until(lambda: blocked_by(seeded, writer.info.backend_pid), 60, "the build to wait for the row")
@@ -139,12 +158,13 @@ def test_a_serialization_failure_in_the_build_is_retried(seeded, caplog):
         "calls: build: attempt 1 of 4 failed (TransientError: SerializationFailure: could not serialize access"
     ), lines
     assert_calls_in_step(seeded)
-    assert seeded.rows("SELECT title FROM calls WHERE id = '9000000000000000001'") == [("New",)]
+    assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = '9000000000000000001'") == [("New",)]
 
 
 def test_bigquery_overload_answers_and_a_stream_cut_mid_read_lose_and_double_nothing(env, rest_proxy, storage_proxy):
-    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=400,
-                   tables=["gong.call", "gong.transcript"])
+    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=400, tables=GONG_TABLES)
+    # Transcripts are built on the app's calls and speakers: those land first, with no fault.
+    assert sync("+speakers").status == "success"
     # The BigQuery client library retries these itself (exponential backoff with jitter); the
     # Storage read resumes a cut stream at its offset.
     rest_proxy.http_errors("503 Service Unavailable", "429 Too Many Requests", "500 Internal Server Error")
@@ -159,9 +179,9 @@ def test_bigquery_overload_answers_and_a_stream_cut_mid_read_lose_and_double_not
     assert env.rows("SELECT count(*), count(DISTINCT (call_id, index, workspace_id)) FROM gong_raw.gong__transcript") == [
         (total, total)
     ]
-    live = next(iter(env.bq.query(
-        f"SELECT count(*) AS n FROM `{env.gong('transcript')}` WHERE NOT coalesce(_fivetran_deleted, false)").result()))["n"]
-    assert env.rows("SELECT count(*) FROM transcripts") == [(live,)]
+    # Every monologue of the calls the app keeps, each once, with its whole text.
+    assert actual_transcripts(env) == expected_transcripts(env)
+    assert env.rows("SELECT count(*) = count(DISTINCT (call_id, sequence_number)) FROM transcripts") == [(True,)]
 
 
 # -- permanent failures ---------------------------------------------------------------------
@@ -190,10 +210,12 @@ def _missing_source_table(env, monkeypatch, role):  # noqa: ANN001, ANN202
 
 
 def _sql_error(env, monkeypatch, role):  # noqa: ANN001, ANN202
-    # Someone changed a destination column's type: the build's SQL can no longer write it.
+    # The app's migrations added a rule the new row breaks: the build's SQL can no longer write it.
+    # (A column whose type no longer fits is caught before any work: see the test below.)
     with env.connect() as conn:
-        conn.execute("ALTER TABLE calls ALTER COLUMN title TYPE integer USING NULL")
-    return "build", "BuildError", 'column "title" is of type integer but expression is of type'
+        conn.execute("ALTER TABLE calls ADD CONSTRAINT calls_title_not_new CHECK (title <> 'New')")
+    return ("build", "BuildError",
+            'CheckViolation: new row for relation "calls" violates check constraint "calls_title_not_new"')
 
 
 def _permission_denied(env, monkeypatch, role):  # noqa: ANN001, ANN202
@@ -210,7 +232,7 @@ def test_permanent_failures_fail_at_once_without_retries(seeded, limited_role, m
     if break_it is not _missing_source_table:  # something new for the build to write
         insert_rows(seeded.bq, seeded.gong("call"), [{"id": "9000000000000000001", "workspace_id": CASES.workspace_ids[0], "title": "New"}],
                     synced_at=LATER)
-    before = dest(seeded, "SELECT id, workspace_id FROM calls")
+    before = seeded.rows(CALL_ROWS)
     step, error_type, message = break_it(seeded, monkeypatch, limited_role)
     # Long backoffs: a retry would show in the time taken as well as in the log.
     monkeypatch.setenv("RETRY_BACKOFF_BASE", "5")
@@ -223,8 +245,33 @@ def test_permanent_failures_fail_at_once_without_retries(seeded, limited_role, m
     assert message in calls.error
     assert retry_lines(caplog, "calls:") == []
     assert time.monotonic() - started < 30
-    assert dest(seeded, "SELECT id, workspace_id FROM calls") == before
-    assert seeded.rows("SELECT status FROM sync_status WHERE entity_type = 'calls'") == [("failed",)]
+    assert seeded.rows(CALL_ROWS) == before
+    assert seeded.rows(CALL_STATUS) == [("failed", calls.error)]
+
+
+def test_an_app_table_that_no_longer_fits_stops_the_run_at_once_without_retries(seeded, monkeypatch, caplog):
+    assert sync("calls").status == "success"
+    new = {"id": "9000000000000000001", "workspace_id": CASES.workspace_ids[0], "title": "New"}
+    insert_rows(seeded.bq, seeded.gong("call"), [new], synced_at=LATER)
+    # Someone changed a column the pipeline writes: the contract check stops the run before any work.
+    with seeded.connect() as conn:
+        conn.execute("ALTER TABLE calls ALTER COLUMN title TYPE integer USING NULL")
+    before = seeded.rows(CALL_ROWS)
+    status_before = seeded.rows("SELECT * FROM sync_status")
+    monkeypatch.setenv("RETRY_BACKOFF_BASE", "5")
+    monkeypatch.setenv("RETRY_BACKOFF_MAX", "5")
+    started = time.monotonic()
+    state = sync_flow(assets=["calls"], return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert type(error).__name__ == "ContractError", error
+    assert "public.calls.title: expected character varying or text, found integer" in str(error)
+    assert "nothing was done" in str(error)
+    assert retry_lines(caplog, "connect") == [] and retry_lines(caplog, "calls:") == []
+    assert time.monotonic() - started < 30
+    assert seeded.rows(CALL_ROWS) == before
+    assert seeded.rows("SELECT * FROM sync_status") == status_before
+    assert seeded.rows("SELECT count(*) FROM gong_raw.gong__call WHERE id = '9000000000000000001'") == [(0,)]
 
 
 def test_a_hung_bigquery_stream_ends_at_its_deadline_and_fails_the_asset(env, storage_proxy, monkeypatch):
@@ -243,4 +290,4 @@ def test_a_hung_bigquery_stream_ends_at_its_deadline_and_fails_the_asset(env, st
     assert calls.error.endswith("no answer within 2 s (BIGQUERY_TIMEOUT)"), calls.error
     # Two attempts of a 2 s deadline, not the library's 10 minutes or a day.
     assert time.monotonic() - started < 60
-    assert env.rows("SELECT status FROM sync_status WHERE entity_type = 'calls'") == [("failed",)]
+    assert env.rows(CALL_STATUS) == [("failed", calls.error)]

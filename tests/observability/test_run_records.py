@@ -3,6 +3,7 @@ and that with no OTEL_* variables nothing of OpenTelemetry is installed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 
@@ -13,10 +14,11 @@ from observability.logs import redact
 from observability.metrics import MetricsHook
 from observability.tracing import TracingHook, exporter_choice
 from runtime.flow import default_hooks
-from runtime.local.seed import seed_workspace
+from runtime.local.seed import CASES, seed_workspace, soft_delete
 from tests.helpers import sync
 
 CORE = "users,calls,transcripts,speakers"
+LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
 
 
 def artifacts_of(flow_run_id: str) -> dict[str, object]:
@@ -40,25 +42,55 @@ def test_a_run_records_sync_runs_and_artifacts_and_installs_no_telemetry_unconfi
     assert type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider"
 
     landed = {name: env.rows(f"SELECT count(*) FROM {name}")[0][0] for name in CORE.split(",")}
+    # Rows the build left out (a call id two workspaces hold) are the asset's errors.
+    letters = dict(env.rows("SELECT asset, count(*) FROM gong_sync.dead_letters GROUP BY asset"))
+    assert letters == {"calls": 1}
     records = env.rows(
         "SELECT asset, status, rows_read > 0, rows_written, rows_synced, errors, trace_id, checkpoint,"
-        " finished_at >= started_at FROM sync_runs WHERE run_id = %s ORDER BY asset", (report.run_id,))
-    checkpoints = dict(env.rows("SELECT entity_type, last_checkpoint FROM sync_status"))
-    assert records == [(n, "success", True, landed[n], landed[n], 0, None, checkpoints[n], True) for n in sorted(landed)]
+        " finished_at >= started_at FROM gong_sync.sync_runs WHERE run_id = %s ORDER BY asset", (report.run_id,))
+    checkpoints = dict(env.rows("SELECT entity_type, error_details -> 'checkpoints' FROM sync_status"))
+    assert records == [(n, "success", True, landed[n], landed[n], letters.get(n, 0), None, checkpoints[n], True)
+                       for n in sorted(landed)]
+    # The app's sync_status has the same figures: partial where rows went to dead letters.
+    status = env.rows("SELECT entity_type, last_sync_status, items_synced, errors_count,"
+                      " (error_details ->> 'dead_letters')::int, last_sync_timestamp = (SELECT min(v::timestamptz)"
+                      " FROM jsonb_each_text(error_details -> 'checkpoints') c (k, v)) FROM sync_status ORDER BY 1")
+    assert status == [(n, "partial" if n in letters else "success", landed[n], letters.get(n, 0), letters.get(n, 0), True)
+                      for n in sorted(landed)]
 
     second = sync(CORE)
-    assert env.rows("SELECT count(DISTINCT run_id), count(*) FROM sync_runs") == [(2, 8)]
-    assert env.rows("SELECT sum(rows_synced) FROM sync_runs WHERE run_id = %s", (second.run_id,)) == [(0,)]
+    assert env.rows("SELECT count(DISTINCT run_id), count(*) FROM gong_sync.sync_runs") == [(2, 8)]
+    assert env.rows("SELECT sum(rows_synced) FROM gong_sync.sync_runs WHERE run_id = %s", (second.run_id,)) == [(0,)]
 
     found = artifacts_of(report.run_id)
     table = json.loads(found["gong-sync-assets"].data)
     assert {row["asset"]: (row["status"], row["rows_synced"], row["errors"]) for row in table} == {
-        n: ("success", landed[n], 0) for n in landed
+        n: ("success", landed[n], letters.get(n, 0)) for n in landed
     }
     graph = found["gong-sync-graph"].data
     assert "flowchart LR" in graph and "calls --> speakers" in graph and "users --> speakers" in graph
     assert f'speakers["speakers<br/>{landed["speakers"]} rows · ' in graph
     assert f"| 1 | speakers | users, calls | success | {landed['speakers']} |" in graph
+    assert "transcripts --> " not in graph and "speakers --> transcripts" in graph and "calls --> transcripts" in graph
+
+    # A call deleted at the source: the run records what its delete took with it.
+    call_id, gong_id, workspace = env.rows(
+        "SELECT c.id, c.gong_call_id, c.metadata ->> 'workspace_id' FROM calls c WHERE gong_call_id <> %s"
+        " AND EXISTS (SELECT 1 FROM transcripts t WHERE t.call_id = c.id) ORDER BY 2 LIMIT 1", (CASES.shared_call_id,))[0]
+    went = {f"public.{table}": env.rows(f"SELECT count(*) FROM {table} WHERE call_id = %s", (call_id,))[0][0]
+            for table in ("speakers", "transcripts")}
+    assert all(went.values())
+    soft_delete(env.bq, env.gong("call"), {"id": gong_id, "workspace_id": workspace}, LATER)
+    third = sync("calls")
+    assert third.status == "success"
+    assert env.rows("SELECT rows_deleted, rows_synced FROM gong_sync.sync_runs WHERE run_id = %s AND asset = 'calls'",
+                    (third.run_id,)) == [(1, 1)]
+    assert env.rows("SELECT count(*) FROM calls WHERE gong_call_id = %s", (gong_id,)) == [(0,)]
+    assert env.rows("SELECT count(*) FROM transcripts WHERE call_id = %s", (call_id,)) == [(0,)]
+    assert env.rows("SELECT last_sync_status, items_synced, (error_details ->> 'deleted')::int, error_details -> 'cascade'"
+                    " FROM sync_status WHERE entity_type = 'calls'") == [("success", 1, 1, went)]
+    assert {row["asset"]: row["rows_synced"] for row in json.loads(artifacts_of(third.run_id)["gong-sync-assets"].data)} == {
+        "calls": 1}
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ operator runs it; Postgres is reached with a canary password that must appear no
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import pty
@@ -19,13 +20,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from runtime.local.seed import seed_workspace
+from runtime.local.seed import CASES, seed_workspace, soft_delete
 from tests.observability.otlp_receiver import OtlpGrpcReceiver, OtlpReceiver, Point, Span
 
 CANARY = "Otel-Canary-Pa55-9f3b"
 CORE_TABLES = ["gong.users", "gong.call", "gong.transcript", "gong.call_speaker"]
 CORE = ["users", "calls", "transcripts", "speakers"]
 JAEGER = "http://127.0.0.1:16686"
+LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
 
 
 def canary_url(url: str) -> str:
@@ -125,7 +127,10 @@ def test_a_run_exports_one_trace_with_row_counts_metrics_and_json_logs(env, rece
     assert run.attributes["sync.status"] == "success" and run.status_code != 2
 
     landed = {name: env.rows(f"SELECT count(*) FROM {name}")[0][0] for name in CORE}
-    checkpoints = dict(env.rows("SELECT entity_type, last_checkpoint FROM sync_status"))
+    checkpoints = dict(env.rows("SELECT entity_type, error_details -> 'checkpoints' FROM sync_status"))
+    # Rows the build left out (a call id two workspaces hold) are in dead letters: the asset's errors.
+    letters = {n: env.rows("SELECT count(*) FROM gong_sync.dead_letters WHERE asset = %s", (n,))[0][0] for n in CORE}
+    assert letters == {"users": 0, "calls": 1, "transcripts": 0, "speakers": 0}
     read = {"users": bq_count(env, "users"), "calls": bq_count(env, "call")}
     for name in CORE:
         task = one(s for s in spans if s.name == f"asset-{name}")
@@ -134,7 +139,8 @@ def test_a_run_exports_one_trace_with_row_counts_metrics_and_json_logs(env, rece
         assert asset.parent_id == task.span_id
         assert asset.attributes["asset.status"] == "success"
         assert landed[name] > 0 and asset.attributes["asset.rows_written"] == landed[name]
-        assert asset.attributes["asset.rows_dead_lettered"] == 0
+        assert asset.attributes["asset.rows_dead_lettered"] == letters[name]
+        assert asset.attributes["asset.rows_deleted"] == 0 and not [k for k in asset.attributes if "cascade" in k]
         assert asset.attributes["asset.bytes_read"] > 0
         assert json.loads(asset.attributes["asset.cursor_before"]) == {t: None for t in checkpoints[name]}
         assert json.loads(asset.attributes["asset.cursor_after"]) == checkpoints[name]
@@ -154,16 +160,16 @@ def test_a_run_exports_one_trace_with_row_counts_metrics_and_json_logs(env, rece
     points = receiver.metrics()
     rows_synced = latest(points, "rows_synced")
     assert {k: int(p.value) for k, p in rows_synced.items()} == {(n, "success"): landed[n] for n in CORE}
-    assert {k: int(p.value) for k, p in latest(points, "errors_count").items()} == {(n, "success"): 0 for n in CORE}
+    assert {k: int(p.value) for k, p in latest(points, "errors_count").items()} == {(n, "success"): letters[n] for n in CORE}
     durations = latest(points, "duration_seconds")
     assert {k: p.count for k, p in durations.items()} == {(n, "success"): 1 for n in CORE}
     assert all(p.unit == "s" and 0 < p.value < 120 for p in durations.values())
     assert set(latest(points, "dead_letters")) == set(latest(points, "schema_changes")) == set(rows_synced)
 
     # sync_runs keeps them without a metrics backend.
-    records = env.rows("SELECT asset, status, rows_synced, errors, trace_id, started_at <= finished_at FROM sync_runs"
-                       " WHERE run_id = %s ORDER BY asset", (flow_run_id,))
-    assert records == sorted((n, "success", landed[n], 0, trace_id, True) for n in CORE)
+    records = env.rows("SELECT asset, status, rows_synced, errors, trace_id, started_at <= finished_at"
+                       " FROM gong_sync.sync_runs WHERE run_id = %s ORDER BY asset", (flow_run_id,))
+    assert records == sorted((n, "success", landed[n], letters[n], trace_id, True) for n in CORE)
 
     # Logs: every console line is one JSON object; each asset ends with its rows and checkpoint.
     lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
@@ -178,9 +184,33 @@ def test_a_run_exports_one_trace_with_row_counts_metrics_and_json_logs(env, rece
 
     emitted = "\n".join([
         result.stdout, result.stderr, receiver.as_text(), prefect_logs_and_artifacts(flow_run_id),
-        json.dumps(env.rows("SELECT * FROM sync_runs"), default=str),
+        json.dumps(env.rows("SELECT * FROM gong_sync.sync_runs"), default=str),
     ])
     assert "asset.materialize" in emitted and CANARY not in emitted
+
+    # A call deleted at the source: its span, its log line and the summary count what went with it.
+    call_id, gong_id, workspace = env.rows(
+        "SELECT c.id, c.gong_call_id, c.metadata ->> 'workspace_id' FROM calls c WHERE gong_call_id <> %s"
+        " AND EXISTS (SELECT 1 FROM transcripts t WHERE t.call_id = c.id) ORDER BY 2 LIMIT 1", (CASES.shared_call_id,))[0]
+    went = {f"public.{table}": env.rows(f"SELECT count(*) FROM {table} WHERE call_id = %s", (call_id,))[0][0]
+            for table in ("speakers", "transcripts")}
+    assert all(went.values())
+    soft_delete(env.bq, env.gong("call"), {"id": gong_id, "workspace_id": workspace}, LATER)
+    receiver.clear()
+    again = materialize("--asset", "calls", "--log-format", "json", environ=cli_env(env, receiver))
+    assert again.returncode == 0, again.stderr[-3000:]
+    trace_id = printed_trace_id(again.stdout)
+    assert receiver.wait_for(lambda: any(s.name == "sync.run" and s.trace_id == trace_id for s in receiver.spans()))
+    calls = one(s for s in receiver.spans() if s.name == "asset.materialize" and s.trace_id == trace_id)
+    assert calls.attributes["asset.rows_deleted"] == 1
+    assert {k.removeprefix("asset.cascade."): v for k, v in calls.attributes.items()
+            if k.startswith("asset.cascade.")} == went
+    lines = [json.loads(line) for line in again.stderr.splitlines() if line.strip()]
+    (end,) = [e for e in lines if e.get("event") == "asset.end"]
+    assert (end["rows_deleted"], end["cascade"]) == (1, went)
+    listed = ", ".join(f"{table} {n}" for table, n in sorted(went.items()))
+    assert f"calls: 1 deleted; with them went: {listed}" in again.stdout
+    assert env.rows("SELECT error_details -> 'cascade' FROM sync_status WHERE entity_type = 'calls'") == [(went,)]
 
 
 def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skipped(env, receiver):
@@ -207,11 +237,12 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
     task = one(s for s in spans if s.span_id == calls.parent_id)
     assert task.name == "asset-calls" and task.status_code == 2
 
-    for name in ("transcripts", "speakers"):
+    # Speakers wait for calls; transcripts for calls and speakers.
+    for name, blocked in (("speakers", "calls"), ("transcripts", "calls, speakers")):
         skipped = one(s for s in spans if s.name == "asset.materialize" and s.attributes["asset.name"] == name)
         assert skipped.parent_id == run.span_id  # no task ran for it
         assert skipped.attributes["asset.status"] == "skipped"
-        assert skipped.attributes["asset.skip_reason"] == "upstream failed: calls"
+        assert skipped.attributes["asset.skip_reason"] == f"upstream failed: {blocked}"
     for name in ("users", "opportunities", "emails"):
         ok = one(s for s in spans if s.name == "asset.materialize" and s.attributes["asset.name"] == name)
         assert ok.status_code != 2 and ok.attributes["asset.status"] == "success"
@@ -231,7 +262,8 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
 
     flow_run_id = run.attributes["sync.run_id"]
     records = dict(((a, (s, e)) for a, s, e in env.rows(
-        "SELECT asset, status, errors FROM sync_runs WHERE run_id = %s AND trace_id = %s", (flow_run_id, trace_id))))
+        "SELECT asset, status, errors FROM gong_sync.sync_runs WHERE run_id = %s AND trace_id = %s",
+        (flow_run_id, trace_id))))
     assert records == {"users": ("success", 0), "calls": ("failed", 1), "transcripts": ("skipped", 0),
                        "speakers": ("skipped", 0), "opportunities": ("success", 1), "emails": ("success", 2)}
     assert re.search(r"asset\.end run_id=\S+ asset=calls status=failed .*step=land error=.*does not exist", result.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
@@ -60,6 +61,13 @@ def name_from_email(email: str | None) -> str | None:
     return re.sub(r"[._+-]+", " ", email.split("@")[0]).strip().title() or None
 
 
+def half_up(value: float | None) -> int | None:
+    """Rounded half away from zero, as the pipeline rounds (Python's round() goes to even)."""
+    if value is None:
+        return None
+    return int(Decimal(repr(value)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
 def expected_speakers(env) -> set[tuple]:
     """(gong call id, name, email, company side, talk seconds), derived in Python from the sources."""
     users = {u["id"]: u for u in live(source(env, "users"))}
@@ -76,7 +84,7 @@ def expected_speakers(env) -> set[tuple]:
         full = " ".join(x for x in (u.get("first_name"), u.get("last_name")) if x)
         name = full or p.get("name") or name_from_email(email) or f"Speaker {s['id']}"
         side = bool(email) and email.split("@")[-1].lower() == CASES.internal_domain
-        out.add((s["call_id"], name, email, side, round(s["talk_time"]) if s["talk_time"] is not None else None))
+        out.add((s["call_id"], name, email, side, half_up(s["talk_time"])))
     return out
 
 
