@@ -8,6 +8,8 @@ from assets.spec import DATE, INTEGER, JSONB, TEXT, TIMESTAMP, AssetSpec, Build,
 
 CALL = SourceTable(
     dataset="gong", table="call", primary_key=("id", "workspace_id"),
+    reads=(("title", "STRING"), ("scheduled", "TIMESTAMP"), ("duration", "INT64"), ("purpose", "STRING"),
+           ("url", "STRING")),
     fits=(Fit(column="duration", kinds=("bigint",),
               rule="duration_seconds is the value rounded half away from zero to whole seconds (NULL when it is "
                    "not a number or does not fit an integer); the exact value is kept in metadata.duration"),),

@@ -43,19 +43,30 @@ ROWS = """
     LEFT JOIN {ids_speakers} m ON m.gong_call_id = t.call_id AND m.gong_speaker_id = t.speaker_id
     LEFT JOIN {app_speakers} sp ON sp.id = m.id
     LEFT JOIN {app_transcripts} a ON a.call_id = c.id AND a.sequence_number = t.index
-    WHERE NOT coalesce(t._fivetran_deleted, false)
+    WHERE NOT coalesce(t._fivetran_deleted, false) AND t.index BETWEEN 0 AND 2147483647
 """
+
+#: `sequence_number` is an integer in the app: a monologue index beyond it has no row there.
+_SEQUENCE = "CASE WHEN t.index BETWEEN 0 AND 2147483647 THEN t.index::integer END"
 
 BUILD = Build(
     inputs=(TRANSCRIPT, CALL, SPEAKER),
     rows=ROWS,
     # A monologue changes when it lands again, when its call does (a new call uuid, the
     # winning workspace), or when its speaker does (the speaker's uuid it points at).
-    changed="""
-        SELECT t.call_id AS gong_call_id, t.index::integer AS sequence_number FROM {transcript_new} t
-        UNION SELECT t.call_id, t.index::integer FROM {transcript} t JOIN {call_new} c ON c.id = t.call_id
-        UNION SELECT t.call_id, t.index::integer FROM {transcript} t
-              JOIN {call_speaker_new} s ON s.call_id = t.call_id AND s.id = t.speaker_id
+    changed=f"""
+        SELECT t.call_id AS gong_call_id, {_SEQUENCE} AS sequence_number FROM {{transcript_new}} t
+        UNION SELECT t.call_id, {_SEQUENCE} FROM {{transcript}} t JOIN {{call_new}} c ON c.id = t.call_id
+        UNION SELECT t.call_id, {_SEQUENCE} FROM {{transcript}} t
+              JOIN {{call_speaker_new}} s ON s.call_id = t.call_id AND s.id = t.speaker_id
+    """,
+    rejects="""
+        SELECT t.call_id || ':' || t.index || ':' || t.workspace_id,
+               jsonb_build_object('call_id', t.call_id, 'index', t.index, 'workspace_id', t.workspace_id),
+               to_jsonb(t) - '_dlt_load_id' - '_dlt_id' - '_gs_seq',
+               'index ' || t.index || ' does not fit the app''s sequence_number (an integer from 0)'
+        FROM {transcript} t
+        WHERE NOT coalesce(t._fivetran_deleted, false) AND t.index NOT BETWEEN 0 AND 2147483647
     """,
     gone="""
         SELECT a.id FROM {gone} g

@@ -34,8 +34,9 @@ Progress = Callable[[str, int], None]
 #: Called with (source, its BigQuery columns) before reading; returns how to land them.
 Evolve = Callable[[SourceTable, list], "SourcePlan"]
 #: Called with (source, rejected rows) for rows that fail the source's row model; each rejected
-#: row is (row key, primary key or None, the row, the validation errors).
-Rejects = Callable[[SourceTable, list[tuple[str, dict | None, dict, list]]], None]
+#: row is (row key, primary key or None, the row, the validation errors). Returns how many were
+#: new dead letters (a row read again at the checkpoint's boundary is already there).
+Rejects = Callable[[SourceTable, list[tuple[str, dict | None, dict, list]]], int]
 
 log = logging.getLogger("gong_sync.load")
 
@@ -103,24 +104,30 @@ def validate(table: pa.Table, source: SourceTable, batch_size: int) -> tuple[pa.
 NUL = "\x00"
 
 
-def scrub_nul(table: pa.Table, source: SourceTable) -> tuple[pa.Table, list]:
+#: The JSON escape of NUL: valid JSON, which Postgres's jsonb still refuses.
+JSON_NUL = "\\u0000"
+
+
+def scrub_nul(table: pa.Table, source: SourceTable, json_text: set[str] = frozenset()) -> tuple[pa.Table, list]:
     """Remove NUL characters from text values, the one thing a valid source string can hold that
-    Postgres text cannot. The row lands without them; a dead letter keeps the original (escaped)
-    with the reason, so nothing is changed silently. Costs one vectorized scan per text column."""
+    Postgres text cannot (and, in JSON text, its escape `\\u0000`, which jsonb refuses). The row
+    lands without them; a dead letter keeps the original (escaped) with the reason, so nothing is
+    changed silently. Costs one vectorized scan per text column."""
     columns = dict(zip(table.column_names, table.columns))
     hit = None
     for name, column in columns.items():
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             continue
-        found = pc.fill_null(pc.match_substring(column, NUL), False)
-        if pc.any(found).as_py():
-            hit = found if hit is None else pc.or_(hit, found)
-            columns[name] = pc.replace_substring(column, NUL, "")
+        for needle in (NUL, JSON_NUL) if name in json_text else (NUL,):
+            found = pc.fill_null(pc.match_substring(columns[name], needle), False)
+            if pc.any(found).as_py():
+                hit = found if hit is None else pc.or_(hit, found)
+                columns[name] = pc.replace_substring(columns[name], needle, "")
     if hit is None:
         return table, []
     repaired = []
     for row in table.filter(hit).to_pylist():
-        fields = sorted(k for k, v in row.items() if isinstance(v, str) and NUL in v)
+        fields = sorted(k for k, v in row.items() if isinstance(v, str) and (NUL in v or (k in json_text and JSON_NUL in v)))
         pk = {k: row.get(k) for k in source.primary_key}
         key = json.dumps({"repaired": pk}, sort_keys=True, default=str)
         repaired.append((hashlib.sha256(key.encode()).hexdigest(), pk, row,
@@ -255,16 +262,15 @@ def _resource(
             if progress:
                 progress(source.raw_table, reader.stats.rows)
             table, rejects = validate(plan.adapt(table), source, batch_size)
-            table, repaired = scrub_nul(table, source)
+            table, repaired = scrub_nul(table, source, plan.json_text)
             table, ahead = split_future(table, source, latest)
             if ahead:
                 future[source.raw_table] = future.get(source.raw_table, 0) + len(ahead)
             rejects += repaired + ahead
-            if rejects:
-                counts[source.raw_table] = counts.get(source.raw_table, 0) + len(rejects)
-                if reject:
-                    reject(source, rejects)
-            yield table
+            if rejects and reject:
+                counts[source.raw_table] = counts.get(source.raw_table, 0) + reject(source, rejects)
+            if table.num_rows:  # a batch whose every row was held back has nothing to load
+                yield table
 
     return rows()
 

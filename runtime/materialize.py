@@ -24,7 +24,8 @@ from runtime.reconcile import reconcile_source
 from runtime.load import LandResult, Progress, land
 from runtime.retry import with_retries
 from runtime.schema import (
-    Change, SourcePlan, app_misfits, ensure_columns, missing_columns, plan_source, record_changes,
+    Change, SourcePlan, app_misfits, create_empty_raw, ensure_columns, missing_columns, plan_source,
+    record_changes,
 )
 from runtime.postgres import (
     Catalog,
@@ -139,6 +140,8 @@ def _evolve(ctx: RunContext, spec: AssetSpec, source: SourceTable, fields: list,
                 f"{spec.name} cannot do without"
             )
         plan = plan_source(conn, ctx.catalog, spec.name, source.raw_table, fields)
+        # Optional columns the raw table was given (as NULL) are not "removed" source columns.
+        plan.changes = [c for c in plan.changes if not (c.change == "removed" and c.column in optional)]
         if optional:
             # Said on every run while it lasts; recorded once.
             log.warning("%s: source table %s lacks optional column(s) %s: they read as NULL", spec.name,
@@ -162,6 +165,9 @@ def _build(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> BuildResult:
             for source in spec.sources:
                 if source in landed.stand_ins:
                     create_stand_in(conn, ctx.catalog, source.raw_table, source.stand_in)
+                elif not table_exists(conn, ctx.catalog.raw_name, source.raw_table):
+                    # The source table exists but has never had a row: an empty raw table.
+                    create_empty_raw(conn, ctx.catalog, source.raw_table, landed.readers[source.raw_table].schema())
             # Optional columns a source lacks read as NULL: every input the build reads has them.
             for source in dict.fromkeys((*spec.sources, *spec.build.inputs)):
                 if table_exists(conn, ctx.catalog.raw_name, source.raw_table):
@@ -183,21 +189,23 @@ def _reconcile(ctx: RunContext, spec: AssetSpec, landed: LandResult) -> int:
         )
 
 
-def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> None:
-    def record() -> None:
+def _dead_letters(ctx: RunContext, spec: AssetSpec, source: SourceTable, rows: list) -> int:
+    def record() -> int:
         with ctx.pool.connection() as conn:
-            record_dead_letters(conn, ctx.catalog, spec.name, source.table, ctx.run.run_id, rows)
+            return record_dead_letters(conn, ctx.catalog, spec.name, source.table, ctx.run.run_id, rows)
 
     with ctx.hooks.step(ctx.run, spec.name, "dead_letters", table=source.raw_table, rows=len(rows)):
-        with_retries(ctx.settings, f"{spec.name}: dead letters", record)
-    # Said once they are there, not before.
-    repaired = sum(1 for *_, errors in rows if all("landed without it" in e.get("error", "") for e in errors))
-    if len(rows) > repaired:
-        log.warning("%s: %d row(s) of %s failed validation and went to dead_letters", spec.name,
-                    len(rows) - repaired, source.table)
-    if repaired:
-        log.warning("%s: %d row(s) of %s held NUL characters: landed without them, originals in dead_letters",
-                    spec.name, repaired, source.table)
+        written = with_retries(ctx.settings, f"{spec.name}: dead letters", record)
+    # Said once they are there, not before; rows already there from an earlier read are not news.
+    if written:
+        repaired = sum(1 for *_, errors in rows if all("landed without it" in e.get("error", "") for e in errors))
+        if len(rows) > repaired:
+            log.warning("%s: %d row(s) of %s failed validation and went to dead_letters", spec.name,
+                        len(rows) - repaired, source.table)
+        if repaired:
+            log.warning("%s: %d row(s) of %s held NUL characters: landed without them, originals in dead_letters",
+                        spec.name, repaired, source.table)
+    return written
 
 
 def _log_failure(ctx: RunContext, outcome: AssetOutcome) -> None:

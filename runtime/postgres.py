@@ -274,20 +274,23 @@ def storable(value: object) -> object:
 def record_dead_letters(
     conn: psycopg.Connection, catalog: Catalog, asset: str, source_table: str, run_id: str,
     rejects: Iterable[tuple[str, dict | None, dict, list]],
-) -> None:
-    """Store rejected rows once each (keyed by primary key, or the whole row when it has none)."""
-    conn.cursor().executemany(
-        sql.SQL(
-            "INSERT INTO {} (asset, source_table, row_key, primary_key, row, errors, run_id)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (asset, source_table, row_key)"
-            " DO UPDATE SET row = EXCLUDED.row, errors = EXCLUDED.errors, run_id = EXCLUDED.run_id, created_at = now()"
-        ).format(catalog.dead_letters),
-        [
-            (asset, source_table, key, json.dumps(storable(pk)) if pk else None,
-             json.dumps(storable(row)), json.dumps(storable(errors)), run_id)
-            for key, pk, row, errors in rejects
-        ],
-    )
+) -> int:
+    """Store rejected rows once each (keyed by primary key, or the whole row when it has none).
+
+    Returns how many are new or changed: a row read again (the boundary of a closed-range read)
+    and rejected again is already there, and is neither rewritten nor counted twice.
+    """
+    query = sql.SQL(
+        "INSERT INTO {} AS d (asset, source_table, row_key, primary_key, row, errors, run_id)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (asset, source_table, row_key)"
+        " DO UPDATE SET row = EXCLUDED.row, errors = EXCLUDED.errors, run_id = EXCLUDED.run_id, created_at = now()"
+        " WHERE (d.row, d.errors) IS DISTINCT FROM (EXCLUDED.row, EXCLUDED.errors)"
+    ).format(catalog.dead_letters)
+    written = 0
+    for key, pk, row, errors in rejects:
+        written += conn.execute(query, (asset, source_table, key, json.dumps(storable(pk)) if pk else None,
+                                        json.dumps(storable(row)), json.dumps(storable(errors)), run_id)).rowcount
+    return written
 
 
 def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceTable) -> None:

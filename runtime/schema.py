@@ -127,6 +127,8 @@ class SourcePlan:
     casts: dict[str, pa.DataType] = field(default_factory=dict)
     renames: dict[str, str] = field(default_factory=dict)
     json_columns: set[str] = field(default_factory=set)
+    #: Landing names of JSON columns (JSON text, ARRAY, STRUCT): `\u0000` in them is a NUL too.
+    json_text: set[str] = field(default_factory=set)
     changes: list[Change] = field(default_factory=list)
     #: The raw table holds nothing yet (absent, or empty without its primary key): dlt appends
     #: straight into it instead of merging through a staging copy, which costs several times the
@@ -211,6 +213,8 @@ def plan_source(
             plan.casts[f.name] = new.arrow
         if _type_name(f) in ("ARRAY", "STRUCT"):
             plan.json_columns.add(f.name)
+        if _type_name(f) in ("ARRAY", "STRUCT", "JSON"):
+            plan.json_text.add(name)
         if not existing:
             continue
         if old is None:
@@ -310,7 +314,8 @@ def record_changes(
             new += 1
             warn(
                 f"{asset}: {catalog.raw_name}.{raw_table}.{c.column}: {c.change.replace('_', ' ')}"
-                f"{f' from {c.old_type}' if c.old_type else ''}{f' to {c.new_type}' if c.new_type else ''}; {c.action.replace('_', ' ')}"
+                f"{f' from {c.old_type}' if c.old_type else ''}{f' to {c.new_type}' if c.new_type else ''}; "
+                f"{c.action if ' ' in c.action else c.action.replace('_', ' ')}"
             )
     return new
 
@@ -325,3 +330,12 @@ def app_misfits(source: SourceTable, fields: list[SchemaField]) -> list[tuple[Ch
             out.append((Change(fit.column, "app_type_mismatch", "/".join(fit.kinds), bq_type(field).kind,
                                "converted"), fit))
     return out
+
+
+def create_empty_raw(conn: psycopg.Connection, catalog: Catalog, raw_table: str, fields: list[SchemaField]) -> None:
+    """The raw table of a source table that exists but had no rows yet (dlt creates none for an
+    empty load), typed from BigQuery as a load would type it, so the builds find it empty."""
+    landing = landing_names([f.name for f in fields])
+    cols = [sql.SQL("{} {}").format(sql.Identifier(landing[f.name]), sql.SQL(bq_type(f).ddl)) for f in fields]
+    cols.append(sql.SQL("_dlt_load_id varchar NOT NULL"))
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(catalog.raw_table(raw_table), sql.SQL(", ").join(cols)))
