@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 from assets.errors import SelectionError, SyncError, TransientError
 from graph import Selection, default_graph
+from runtime import commands
 
 _OFFLINE = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
@@ -18,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="materialize",
         description="Sync Gong and Salesforce data from BigQuery into Postgres, asset by asset.",
-        epilog="Selections: NAME, +NAME (with upstream), NAME+ (with downstream), tag:TAG, *; comma joins.",
+        epilog=commands.HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--asset", "-a", action="append", metavar="SELECTION",
                    help="what to materialize (repeatable; default: every asset)")
@@ -38,18 +42,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-dir", default=".gong-sync-demo",
                    help="where --demo keeps its state between runs (default: %(default)s)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--status", action="store_true",
+                   help="print each asset's last sync (status, checkpoint, rows, errors, dead letters), and exit")
+    p.add_argument("--dead-letters", action="store_true",
+                   help="list the selected assets' dead letters (default: every asset's), and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check connections, the run lock, privileges, the app's tables and the source tables; runs nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print what would run, in what order, from which checkpoints, with source row counts; runs nothing")
+    p.add_argument("--clean", action="store_true",
+                   help="with --demo: remove everything the demo made (its folder, its Postgres cluster), and exit")
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="print only the summary, warnings and errors")
+    noise.add_argument("-v", "--verbose", action="store_true", help="print debug logs, and tracebacks of expected failures")
+    p.add_argument("--results", metavar="PATH", help="write the run's outcome as JSON to PATH (like dbt's run_results.json)")
     return p
 
 
-def print_graph(out=sys.stdout) -> None:  # noqa: ANN001
-    rows = default_graph().describe()
-    width = max(len(r.name) for r in rows)
-    out.write(f"{'asset':<{width}}  level  upstream\n")
-    for row in rows:
-        out.write(f"{row.name:<{width}}  {row.level:>5}  {', '.join(row.upstream) or '-'}\n")
-
-
-def print_summary(report, out=sys.stdout) -> None:  # noqa: ANN001
+def print_summary(report, out=sys.stdout, elapsed: float | None = None) -> None:  # noqa: ANN001
     if report.skipped_reason:
         out.write(report.skipped_reason + "\n")
         return
@@ -58,14 +69,17 @@ def print_summary(report, out=sys.stdout) -> None:  # noqa: ANN001
         out.write(f"trace id {report.trace_id}\n")
         if ui := os.environ.get("JAEGER_UI_URL"):
             out.write(f"trace {ui.rstrip('/')}/trace/{report.trace_id}\n")
-    header = ("asset", "status", "read", "loaded", "written", "deleted", "seconds", "checkpoint")
+    header = ("asset", "status", "read", "loaded", "written", "deleted", "dead", "seconds", "checkpoint")
     rows = [
         (o.asset, o.status, str(o.rows_read), str(o.rows_loaded), str(o.rows_written), str(o.rows_deleted),
-         f"{o.duration_s:.2f}", o.checkpoint or "-")
+         str(o.rows_dead_lettered), f"{o.duration_s:.2f}", o.checkpoint or "-")
         for o in report.outcomes
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
+    total = ("total", report.status, *(str(sum(getattr(o, f) for o in report.outcomes)) for f in (
+        "rows_read", "rows_loaded", "rows_written", "rows_deleted", "rows_dead_lettered")),
+        f"{elapsed:.2f}" if elapsed is not None else "", "")
+    widths = [max(len(r[i]) for r in [header, *rows, total]) for i in range(len(header))]
+    for row in [header, *rows, total]:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
     for o in report.outcomes:
         if o.cascade:
@@ -75,73 +89,99 @@ def print_summary(report, out=sys.stdout) -> None:  # noqa: ANN001
             out.write(f"{o.asset}: {o.error}\n")
 
 
-def print_schema_changes(out=sys.stdout) -> int:  # noqa: ANN001
-    import psycopg
-    from psycopg import sql
+def _stop_on_signals(stop: threading.Event) -> None:
+    """Ctrl-C or SIGTERM (a scheduler stopping the run): stop at the next safe point, roll back
+    what is open, print the summary, exit 130. A second one ends the process at once."""
 
-    from runtime.postgres import Catalog, check_connection
-    from runtime.settings import load_settings
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            sys.stderr.write("materialize: stopped at once\n")
+            os._exit(130)
+        stop.set()
+        sys.stderr.write("materialize: stopping at the next safe point (press Ctrl-C again to stop at once)\n")
 
-    settings = load_settings()
-    url = settings.postgres_url()
-    check_connection(url)
-    with psycopg.connect(url) as conn:
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{settings.sync_schema}".schema_changes',))
-        if not exists.fetchone()[0]:
-            out.write("no schema changes recorded yet\n")
-            return 0
-        rows = conn.execute(
-            sql.SQL("SELECT at, asset, table_name, column_name, change, old_type, new_type, action FROM {} ORDER BY id")
-            .format(Catalog(settings).schema_changes)
-        ).fetchall()
-    header = ("at", "asset", "table", "column", "change", "old", "new", "action")
-    cells = [header, *[(r[0].isoformat(timespec="seconds"), *(str(v or "-") for v in r[1:])) for r in rows]]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    for row in cells:
-        out.write("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
-    return 0
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run(args: argparse.Namespace) -> int:
+    from runtime.prefect_api import prefect_api_url
     from runtime.session import check_app_tables, preflight
     from runtime.settings import load_settings
 
     selection = Selection.parse(args.asset or ["*"])
     selection.resolve(default_graph())  # an unknown name fails here, before anything starts
-    # Fail on a bad credential, or app tables that do not fit, in a second, before the Prefect
-    # engine starts.
+    api = prefect_api_url()
+    # The first line says how the run goes: a flow run in Prefect's UI, or in this process.
+    print(f"materialize: running as a Prefect flow run on {api}" if api else
+          "materialize: running in-process (no Prefect API configured; set PREFECT_API_URL for a flow run)",
+          flush=True)
+    # Fail on a bad credential, or app tables that do not fit, in a second, before any work.
     settings = load_settings()
     try:
         _, _, clients = preflight(settings)
         clients.close()
         check_app_tables(settings, default_graph().subgraph(selection.resolve_ordered(default_graph())))
-    except TransientError as exc:  # not a credential: the flow retries connecting and alerts if it gives up
+    except TransientError as exc:  # not a credential: the run retries connecting and alerts if it gives up
         logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
-    # Imported after the preflight: importing the flow installs tracing, and the preflight's
+    # Imported after the preflight: importing the runner installs tracing, and the preflight's
     # BigQuery calls would otherwise show up as a trace of their own.
     from observability.metrics import flush_metrics
     from observability.tracing import flush_tracing
-    from runtime.flow import RunFailed, RunReport, sync_flow
+    from runtime.run import STOP, RunFailed, RunReport, default_hooks, execute
 
-    state = sync_flow(
-        assets=[str(selection)], full_refresh=args.full_refresh, allow_mass_delete=args.allow_mass_delete,
-        reconcile=args.reconcile, log_format=args.log_format,
-        show_progress=sys.stderr.isatty(), return_state=True,
-    )
-    # Prefect's flow-run span ends after the flow returns: send it, and the metrics, now.
+    _stop_on_signals(STOP)
+    started = time.monotonic()
+    report: RunReport | None = None
+    if api:
+        from runtime.flow import sync_flow
+
+        state = sync_flow(
+            assets=[str(selection)], full_refresh=args.full_refresh, allow_mass_delete=args.allow_mass_delete,
+            reconcile=args.reconcile, log_format=args.log_format, show_progress=sys.stderr.isatty(),
+            return_state=True,
+        )
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, RunFailed):
+            report = result.report
+        elif isinstance(result, RunReport):
+            report = result
+        elif isinstance(result, SyncError):
+            raise result
+        else:
+            sys.stderr.write(f"materialize: the run ended {state.type.value}: {state.message}\n")
+            return 1
+    else:
+        from runtime.progress import TerminalProgress
+
+        progress = TerminalProgress() if sys.stderr.isatty() else None
+        report = execute(
+            [str(selection)], full_refresh=args.full_refresh, allow_mass_delete=args.allow_mass_delete,
+            reconcile=args.reconcile, settings=settings, progress=progress.update if progress else None,
+            hooks=default_hooks(json_logs=args.log_format == "json", extra=[progress] if progress else []),
+        )
+    # The run's spans end with it: send them, and the metrics, now.
     flush_tracing()
     flush_metrics()
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, RunFailed):
-        print_summary(result.report)
-        return 1
-    if isinstance(result, RunReport):
-        print_summary(result)
-        return 0
-    if isinstance(result, SyncError):
-        raise result
-    sys.stderr.write(f"materialize: the run ended {state.type.value}: {state.message}\n")
-    return 1
+    elapsed = time.monotonic() - started
+    print_summary(report, elapsed=elapsed)
+    if getattr(args, "results", None):
+        write_results(report, args.results, elapsed)
+    return 130 if report.cancelled else 1 if report.failed else 0
+
+
+def write_results(report, path: str, elapsed: float) -> None:  # noqa: ANN001 - RunReport
+    """The run as JSON (like dbt's run_results.json): status, elapsed, each asset's outcome."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    doc = {
+        "run_id": report.run_id, "selection": report.selection, "status": report.status,
+        "elapsed_s": round(elapsed, 3), "trace_id": report.trace_id, "skipped_reason": report.skipped_reason,
+        "assets": [dataclasses.asdict(o) for o in report.outcomes],
+    }
+    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -179,11 +219,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Prefect's API client logs every HTTP request at INFO: noise for an operator.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        if args.schema_changes:
-            return print_schema_changes()
+        if args.version:
+            return commands.version(sys.stdout)
+        if args.clean:
+            from runtime.demo import clean_demo
+
+            return clean_demo(args)
+        if args.status:
+            return commands.status(commands.settings(), default_graph(), sys.stdout, args.asset)
+        if args.dead_letters:
+            return commands.dead_letters(commands.settings(), default_graph(), sys.stdout, args.asset)
+        if args.check:
+            return commands.check(default_graph(), sys.stdout, args.asset)
+        if args.plan:
+            return commands.plan(commands.settings(), default_graph(), sys.stdout, args.asset, args.full_refresh)
         if args.list:
-            print_graph()
-            return 0
+            return commands.list_graph(default_graph(), sys.stdout)
+        if args.schema_changes:
+            return commands.schema_changes(commands.settings(), sys.stdout)
         if args.replay_dead_letters:
             return replay(args)
         if args.demo:

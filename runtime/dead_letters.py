@@ -104,7 +104,8 @@ def _replay_asset(spec: AssetSpec, settings: Settings, session: Session) -> Repl
         done += [letter.id for letters in to_land.values() for letter in letters]
     if done:
         with_retries(settings, f"{spec.name}: remove dead letters", lambda: _remove(session, done))
-    log.info("%s", result.summary())
+    # The caller prints the summary (the CLI to stdout); logging it too showed every line twice.
+    log.debug("%s", result.summary())
     return result
 
 
