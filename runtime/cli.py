@@ -211,7 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in _OFFLINE.items():
         os.environ.setdefault(key, value)
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.verbose:  # dlt and the clients are loud at DEBUG; the pipeline's own lines are the point
+        for noisy in ("dlt", "urllib3", "google", "grpc", "httpcore", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
     if args.log_format == "json":
         from observability.logs import use_json_lines
 
@@ -245,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args, run)
         return run(args)
     except SyncError as exc:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         sys.stderr.write(f"materialize: {exc}\n")
         return exc.exit_code
 

@@ -55,6 +55,8 @@ def explain_connect_error(exc: psycopg.OperationalError, endpoint: Endpoint) -> 
         return CredentialError(f"DATABASE_URL: user {endpoint.user} does not exist at {where}")
     if "permission denied" in text or "not permitted" in text:
         return CredentialError(f"DATABASE_URL: user {endpoint.user} may not connect to {endpoint.database} at {where}")
+    if "could not translate host name" in text or "Name or service not known" in text:
+        return CredentialError(f"DATABASE_URL: unknown host {endpoint.host} (no such name)")
     if "Connection refused" in text or "could not connect" in text or "timeout" in text.lower():
         return TransientError(f"DATABASE_URL: nothing accepts connections at {where} (is Postgres running?)")
     return TransientError(f"DATABASE_URL: cannot connect to {where}: {type(exc).__name__}")
