@@ -23,34 +23,35 @@ OWN_COLUMNS = ("id", "title", "scheduled", "purpose", "url")
 # The live winner per Gong id, with its whole raw row as JSON: optional columns (which vary by
 # account and connector version) read as NULL when the table lacks them.
 _WINNERS = """
-    SELECT DISTINCT ON (c.id) c.id, c.workspace_id, to_jsonb(c) AS j
+    SELECT DISTINCT ON (c.id) c.*, to_jsonb(c) AS j
     FROM {call} c
     WHERE NOT coalesce(c._fivetran_deleted, false)
     ORDER BY c.id, c._fivetran_synced DESC NULLS LAST, c.workspace_id
 """
 
-# `duration` is seconds; a source that sends fractions is rounded half away from zero (Postgres's
-# round on numeric); whenever duration_seconds is not the exact value (a fraction, beyond an
-# integer, not a number), the exact value stays in metadata.duration.
+# The columns of `reads` exist in the raw table (as NULL when the source lacks them), so they are
+# read by name; every other field comes from the row's JSON. `duration` is seconds; a source that
+# sends fractions is rounded half away from zero (Postgres's round on numeric); whenever
+# duration_seconds is not the exact value (a fraction, beyond an integer, not a number), the exact
+# value stays in metadata.duration.
 ROWS = """
     SELECT coalesce(a.id, {fn_uuid}('calls', w.id)) AS id,
            w.id AS gong_call_id,
-           w.j ->> 'title' AS title,
-           ({fn_try_timestamptz}(w.j ->> 'scheduled') AT TIME ZONE 'UTC') AS scheduled_at,
-           {fn_try_integer}(w.j ->> 'duration') AS duration_seconds,
-           w.j ->> 'purpose' AS call_type,
+           w.title::varchar AS title,
+           (w.scheduled::timestamptz AT TIME ZONE 'UTC') AS scheduled_at,
+           CASE WHEN abs(d.n) < 2147483647.5 THEN round(d.n)::integer END AS duration_seconds,
+           w.purpose::varchar AS call_type,
            now()::timestamp AS processed_at,
            jsonb_strip_nulls(w.j - ARRAY['id', 'title', 'scheduled', 'purpose', 'url', 'duration',
                                          '_fivetran_deleted', '_fivetran_synced', '_dlt_load_id', '_dlt_id',
                                          '_gs_seq']
-               || jsonb_build_object('gong_url', w.j -> 'url')
-               || CASE WHEN w.j ->> 'duration' IS NOT NULL
-                        AND ({fn_try_integer}(w.j ->> 'duration') IS NULL
-                             OR {fn_try_integer}(w.j ->> 'duration') <> {fn_try_numeric}(w.j ->> 'duration'))
+               || jsonb_build_object('gong_url', w.url)
+               || CASE WHEN w.duration IS NOT NULL AND (d.n IS NULL OR abs(d.n) >= 2147483647.5 OR d.n <> round(d.n))
                        THEN jsonb_build_object('duration', w.j -> 'duration') ELSE jsonb_build_object() END
            ) AS metadata,
-           ({fn_try_timestamptz}(w.j ->> 'scheduled') AT TIME ZONE 'UTC')::date AS date
+           (w.scheduled::timestamptz AT TIME ZONE 'UTC')::date AS date
     FROM (""" + _WINNERS + """) w
+    CROSS JOIN LATERAL (SELECT {fn_try_numeric}(w.duration::text) AS n) d
     LEFT JOIN {app_calls} a ON a.gong_call_id = w.id
 """
 

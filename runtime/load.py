@@ -324,15 +324,15 @@ def land(
         pipeline.sync_destination()
         for source in read:  # after the restore: a new machine reads the checkpoint Postgres holds
             result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
+        if full_refresh:
+            _forget_cursors(pipeline, read)
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
                       result.rows_rejected, latest, result.rows_future, cancel or threading.Event())
             for s in read
         ]
         if resources:
-            extracted = pipeline.extract(
-                resources, loader_file_format="parquet", refresh="drop_data" if full_refresh else None
-            )
+            extracted = pipeline.extract(resources, loader_file_format="parquet")
             if not full_refresh and _data_rows(extracted) == 0:
                 # Nothing past the checkpoint: the package holds only dlt's unchanged state. Deleting
                 # it (and restoring the state it started from) spares a load round trip per asset.
@@ -352,6 +352,17 @@ def land(
         result.bytes_read += readers[source.raw_table].stats.bytes
         result.checkpoint_after[source.raw_table] = _checkpoint(pipeline, source)
     return result
+
+
+def _forget_cursors(pipeline: dlt.Pipeline, sources: list[SourceTable]) -> None:
+    """A full refresh reads every row again and merges it on its key: the raw tables are never
+    emptied (dlt's own refresh truncates them first, in a transaction of its own, and a kill right
+    after left them empty under a checkpoint that was not). Only the cursors are forgotten, in the
+    local state; the state in Postgres moves with the load that completes."""
+    with pipeline.managed_state() as state:
+        resources = state.get("sources", {}).get(pipeline.default_schema_name or pipeline.pipeline_name, {})
+        for source in sources:
+            resources.get("resources", {}).get(source.raw_table, {}).pop("incremental", None)
 
 
 def _data_rows(info: ExtractInfo) -> int:

@@ -157,9 +157,26 @@ _TRY_CASTS: dict[str, tuple[str, str | None]] = {
         r"^\s*\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?\s*(Z|UTC|[+-]\d{2}(:?\d{2})?)?\s*$",
     ),
     "gs_try_date": ("date", r"^\s*\d{4}-\d{2}-\d{2}\s*$"),
-    "gs_try_numeric": ("numeric", r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"),
-    "gs_try_jsonb": ("jsonb", None),
 }
+#: Casts a pattern alone makes safe: a plain SQL function, inlined by the planner on every
+#: version. The exponent is bounded so that no matching text overflows numeric.
+_PATTERN_CASTS: dict[str, tuple[str, str]] = {
+    "gs_try_numeric": ("numeric", r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d{1,4})?\s*$"),
+}
+#: JSON text jsonb can hold: valid JSON (`IS JSON`, Postgres 16 and later) without the escape of
+#: NUL, which jsonb refuses. Before 16, an exception block decides.
+_TRY_JSONB_16 = (
+    "CREATE OR REPLACE FUNCTION {schema}.gs_try_jsonb(value text) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$"
+    " SELECT CASE WHEN value IS JSON AND strpos(value, '\\u0000') = 0 THEN value::jsonb END $$"
+)
+_TRY_JSONB = (
+    "CREATE OR REPLACE FUNCTION {schema}.gs_try_jsonb(value text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$"
+    " BEGIN RETURN value::jsonb; EXCEPTION WHEN others THEN RETURN NULL; END $$"
+)
+_PATTERN_CAST = (
+    "CREATE OR REPLACE FUNCTION {schema}.{name}(value text) RETURNS {type} LANGUAGE sql IMMUTABLE AS $$"
+    " SELECT CASE WHEN value ~ {pattern} THEN value::{type} END $$"
+)
 # Postgres 16 and later tell whether a text parses without raising (`pg_input_is_valid`): a plain
 # SQL function, which the planner inlines. Before 16 an exception block does it, at the price of
 # a subtransaction per call.
@@ -191,6 +208,10 @@ _FUNCTIONS = (
 
 def create_functions(conn: psycopg.Connection, catalog: Catalog) -> None:
     modern = conn.info.server_version >= 160000
+    for name, (result, pattern) in _PATTERN_CASTS.items():
+        conn.execute(sql.SQL(_PATTERN_CAST).format(
+            schema=catalog.sync, name=sql.Identifier(name), type=sql.SQL(result), pattern=sql.Literal(pattern)))
+    conn.execute(sql.SQL(_TRY_JSONB_16 if modern else _TRY_JSONB).format(schema=catalog.sync))
     for name, (result, pattern) in _TRY_CASTS.items():
         conn.execute(
             sql.SQL(_TRY_CAST_16 if modern else _TRY_CAST).format(
