@@ -137,3 +137,48 @@ def test_a_run_prints_the_summary_and_exit_code_follows_the_outcome(env):
     failed = materialize("--asset", "speakers", env_vars=env.vars())
     assert failed.returncode == 1
     assert f"source table prefect-data-warehouse.{env.gong_dataset}.call_speaker does not exist" in failed.stdout
+
+
+def test_ctrl_c_stops_at_a_safe_point_with_exit_130_and_the_next_run_completes(env, tmp_path):
+    """In-process (no Prefect API): Ctrl-C while speakers waits on a table lock the app holds. Nothing
+    new starts, the summary says cancelled, exit 130, no traceback; the next run completes."""
+    import datetime as dt
+    import signal
+    import time
+
+    from runtime.local.seed import update_rows
+    from tests.helpers import sync
+    from tests.runtime.test_sync import GONG_TABLES, assert_in_step, live, source
+
+    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=40, tables=GONG_TABLES)
+    assert sync("users,calls,speakers,transcripts").status == "success"
+    speaker = live(source(env, "call_speaker"))[0]
+    update_rows(env.bq, env.gong("call_speaker"), {"id": speaker["id"], "call_id": speaker["call_id"]},
+                {"talk_time": 777.0}, dt.datetime.now(dt.UTC))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    environ.update(env.vars())
+    environ["PREFECT_HOME"] = str(tmp_path / "prefect")  # no profile that names an API either
+    log = tmp_path / "run.log"
+    with psycopg.connect(env.database_url) as app:
+        app.execute("LOCK TABLE public.speakers IN ACCESS EXCLUSIVE MODE")  # the app, mid-migration
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "--asset", "users,calls,speakers,transcripts"],
+                                    env=environ, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + 120
+            while "asset=speakers" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # speakers is now waiting for the app's lock
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+        app.rollback()  # the app lets go; speakers finishes its step, transcripts never starts
+    code = proc.wait(timeout=120)
+    text = log.read_text()
+    assert text.splitlines()[0].startswith("materialize: running in-process"), text[:300]
+    assert code == 130, text[-3000:]
+    assert "status cancelled" in text and "transcripts  cancelled" in text, text[-3000:]
+    assert "Traceback" not in text
+    # The next run picks up where it stopped and leaves the app in step with the source.
+    again = subprocess.run([sys.executable, "-m", "runtime.cli", "--asset", "users,calls,speakers,transcripts"],
+                           env=environ, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_in_step(env)
