@@ -254,17 +254,3 @@ class AssetSpec(_Frozen):
     def settings(self) -> set[str]:
         """Setting names the build SQL reads (`{setting_<name>}`)."""
         return {s.removeprefix("setting_") for t in self.build.texts for s in slots_of(t) if s.startswith("setting_")}
-
-
-def live(alias: str, source: SourceTable) -> str:
-    """SQL that is true for a raw row none of whose soft-delete flags is set."""
-    return " AND ".join(f"NOT coalesce({alias}.{flag}, false)" for flag in source.deleted_flags) or "true"
-
-
-def optional(alias: str, column: str, cast: str = "") -> str:
-    """SQL reading a column a source table may lack: NULL when it is not there.
-
-    `to_jsonb(alias)` holds whatever columns the raw table has; `->>` gives text, cast as asked.
-    """
-    text = f"(to_jsonb({alias}) ->> '{column}')"
-    return f"{text}::{cast}" if cast else text

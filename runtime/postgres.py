@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -71,6 +72,27 @@ def connect_kwargs(settings: Settings | None = None) -> dict[str, object]:
         kwargs["options"] = (f"-c statement_timeout={int(settings.statement_timeout * 1000)}"
                              f" -c lock_timeout={int(settings.lock_timeout * 1000)}")
     return kwargs
+
+
+def connect(settings: Settings) -> psycopg.Connection:
+    """An autocommit connection of the pipeline's own (keepalives, timeouts); a failure to connect
+    becomes the error that names what is wrong, never the password."""
+    url = settings.postgres_url()
+    try:
+        return psycopg.connect(url, autocommit=True, **connect_kwargs(settings))
+    except psycopg.OperationalError as exc:
+        raise explain_connect_error(exc, Endpoint.parse(url)) from None
+
+
+@contextlib.contextmanager
+def connected(settings: Settings) -> Iterator[psycopg.Connection]:
+    """`connect`, closed after the block; a connection lost inside the block is explained too."""
+    url = settings.postgres_url()
+    try:
+        with connect(settings) as conn:
+            yield conn
+    except psycopg.OperationalError as exc:
+        raise explain_connect_error(exc, Endpoint.parse(url)) from None
 
 
 def check_connection(url: str) -> Endpoint:

@@ -15,7 +15,7 @@ from runtime import bigquery
 from runtime.bigquery import BigQueryClients
 from runtime.contract import ensure_contract
 from runtime.postgres import (
-    Catalog, Endpoint, check_connection, connect_kwargs, explain_connect_error, open_pool, prepare_schemas,
+    Catalog, Endpoint, check_connection, connect, connected, open_pool, prepare_schemas,
 )
 from runtime.settings import Settings
 
@@ -64,27 +64,19 @@ def preflight(settings: Settings) -> tuple[str, Endpoint, BigQueryClients]:
 
 def check_app_tables(settings: Settings, graph: AssetGraph) -> None:
     """The application's tables, checked (or created in an empty database) before a run starts."""
-    url = settings.postgres_url()
-    try:
-        with psycopg.connect(url, autocommit=True, **connect_kwargs(settings)) as conn:
-            ensure_contract(conn, Catalog(settings), [graph.spec(n) for n in graph.names])
-    except psycopg.OperationalError as exc:
-        raise explain_connect_error(exc, Endpoint.parse(url)) from None
+    with connected(settings) as conn:
+        ensure_contract(conn, Catalog(settings), [graph.spec(n) for n in graph.names])
 
 
 def last_success(settings: Settings):  # noqa: ANN201 - datetime | None
     """When an asset last synced successfully (the app's sync_status), or None."""
-    url = settings.postgres_url()
     catalog = Catalog(settings)
-    try:
-        with psycopg.connect(url, autocommit=True, **connect_kwargs(settings)) as conn:
-            if conn.execute("SELECT to_regclass(%s) IS NULL", (f'"{catalog.dest_name}"."sync_status"',)).fetchone()[0]:
-                return None
-            return conn.execute(sql.SQL(
-                "SELECT max(updated_at) FROM {} WHERE last_sync_status IN ('success', 'partial')"
-            ).format(catalog.sync_status)).fetchone()[0]
-    except psycopg.OperationalError as exc:
-        raise explain_connect_error(exc, Endpoint.parse(url)) from None
+    with connected(settings) as conn:
+        if conn.execute("SELECT to_regclass(%s) IS NULL", (f'"{catalog.dest_name}"."sync_status"',)).fetchone()[0]:
+            return None
+        return conn.execute(sql.SQL(
+            "SELECT max(updated_at) FROM {} WHERE last_sync_status IN ('success', 'partial')"
+        ).format(catalog.sync_status)).fetchone()[0]
 
 
 @dataclass
@@ -112,10 +104,10 @@ class Session:
 def open_session(settings: Settings, graph: AssetGraph) -> Session:
     url, endpoint, clients = preflight(settings)
     try:
-        lock_conn = psycopg.connect(url, autocommit=True, **connect_kwargs(settings))
-    except psycopg.OperationalError as exc:
+        lock_conn = connect(settings)
+    except SyncError:
         clients.close()
-        raise explain_connect_error(exc, endpoint) from None
+        raise
     locked = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (RUN_LOCK_KEY,)).fetchone()[0]
     if not locked:
         lock_conn.close()

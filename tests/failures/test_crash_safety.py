@@ -657,7 +657,7 @@ def test_a_full_refresh_killed_after_truncating_the_raw_table_leaves_no_hole(see
     before = env.rows(f"SELECT count(*) FROM gong_raw.{raw_table}")[0][0]  # noqa: S608 - constants
     holder = env.connect()
     holder.execute("BEGIN")
-    # The load truncates the raw table, then the staging table it merges from: it waits there.
+    # The refresh's load merges through the staging table: it waits there, and is killed there.
     holder.execute(f"LOCK TABLE gong_raw_staging.{raw_table} IN ACCESS EXCLUSIVE MODE")
     process = spawn("--asset", asset, "--full-refresh", environ=subprocess_env, log_path=tmp_path / "refresh.log")
     try:
