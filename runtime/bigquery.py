@@ -44,6 +44,8 @@ class BigQueryClients:
     timeout: float = 120.0
     #: Deadline (s) of one Storage read stream: a hung stream must not hold the run lock for a day.
     read_timeout: float = 3600.0
+    #: Where the clients point, for messages: an emulator names its setting.
+    endpoint: str = "BigQuery"
 
     @property
     def retry(self):  # noqa: ANN201 - google.api_core Retry
@@ -80,7 +82,8 @@ def connect(settings: Settings) -> BigQueryClients:
             settings.bigquery_storage_emulator_host, options=[("grpc.max_receive_message_length", -1)]
         )
         storage = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
-        return BigQueryClients(project, rest, storage, settings.bigquery_timeout, settings.bigquery_read_timeout)
+        return BigQueryClients(project, rest, storage, settings.bigquery_timeout, settings.bigquery_read_timeout,
+                               endpoint=f"the emulator at {settings.bigquery_emulator_host} (BIGQUERY_EMULATOR_HOST)")
 
     credentials = _google_credentials(settings)
     rest = bigquery.Client(project=project, credentials=credentials, location=settings.bigquery_location)
@@ -128,7 +131,8 @@ def check_dataset(clients: BigQueryClients, dataset: str, setting: str) -> None:
     except gexc.Unauthorized:
         raise CredentialError("BigQuery rejected the credentials (GOOGLE_APPLICATION_CREDENTIALS)") from None
     except _TRANSIENT as exc:
-        raise TransientError(f"BigQuery did not answer for dataset {ref}: {type(exc).__name__}") from None
+        raise TransientError(f"no answer from {clients.endpoint} within {clients.timeout:g} s (BIGQUERY_TIMEOUT)"
+                             f" for dataset {ref}: {type(exc).__name__}") from None
 
 
 def dataset_exists(clients: BigQueryClients, dataset: str) -> bool:

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.prefect_api import prefect_api_url
     from runtime.session import check_app_tables, preflight
     from runtime.settings import load_settings
+    from runtime.sources import check_sources
 
     selection = Selection.parse(args.asset or ["*"])
     selection.resolve(default_graph())  # an unknown name fails here, before anything starts
@@ -116,12 +117,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"materialize: running as a Prefect flow run on {api}" if api else
           "materialize: running in-process (no Prefect API configured; set PREFECT_API_URL for a flow run)",
           flush=True)
-    # Fail on a bad credential, or app tables that do not fit, in a second, before any work.
+    # Fail on a bad credential, a source table the selection needs that is not there, or app
+    # tables that do not fit, in a second, before any work. (A scheduled run fails only the
+    # assets whose tables are missing, with an alert: nobody is at the terminal to fix it.)
     settings = load_settings()
+    graph = default_graph().subgraph(selection.resolve_ordered(default_graph()))
     try:
         _, _, clients = preflight(settings)
-        clients.close()
-        check_app_tables(settings, default_graph().subgraph(selection.resolve_ordered(default_graph())))
+        try:
+            check_sources(settings, clients, [graph.spec(name) for name in graph.names])
+        finally:
+            clients.close()
+        check_app_tables(settings, graph)
     except TransientError as exc:  # not a credential: the run retries connecting and alerts if it gives up
         logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
     # Imported after the preflight: importing the runner installs tracing, and the preflight's

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from assets.errors import ConfigError, SyncError
@@ -22,7 +21,7 @@ from assets.errors import ConfigError, SyncError
 if TYPE_CHECKING:  # pragma: no cover
     import psycopg
 
-    from assets.spec import AssetSpec, SourceTable
+    from assets.spec import AssetSpec
     from graph import AssetGraph
     from runtime.bigquery import BigQueryClients
     from runtime.settings import Settings
@@ -122,40 +121,6 @@ def _bigquery(settings: Settings) -> BigQueryClients:
 
     clients = bigquery.connect(settings)
     return dataclasses.replace(clients, timeout=min(clients.timeout, METADATA_TIMEOUT))
-
-
-@dataclass(frozen=True)
-class _Where:
-    """Where a source table is read from in this warehouse (the run's rules: table setting,
-    dataset fallback, stand-in), worked out without logging."""
-
-    dataset: str
-    table: str
-    note: str = ""
-    stand_in: bool = False
-
-
-def _resolve(source: SourceTable, settings: Settings, clients: BigQueryClients, datasets: dict[str, bool]) -> _Where:
-    from runtime.bigquery import dataset_exists
-
-    table = getattr(settings, source.table_setting) if source.table_setting else source.table
-    dataset = settings.dataset(source.dataset)
-    if dataset not in datasets:
-        datasets[dataset] = dataset_exists(clients, dataset)
-    if datasets[dataset]:
-        return _Where(dataset, table)
-    if source.fallback_dataset:
-        fallback = settings.dataset(source.fallback_dataset)
-        return _Where(fallback, table, note=f"no dataset {dataset}: read from {fallback}")
-    if source.stand_in:
-        return _Where(dataset, table, note=f"no dataset {dataset}: stays empty", stand_in=True)
-    return _Where(dataset, table, note=f"no dataset {dataset}")
-
-
-def _setting_of(source: SourceTable) -> str:
-    """The settings that name a source table, for messages."""
-    dataset = {"gong": "GONG_DATASET", "salesforce": "SALESFORCE_DATASET"}[source.dataset]
-    return f"{dataset}, {source.table_setting.upper()}" if source.table_setting else dataset
 
 
 def _lock_holder(conn: psycopg.Connection) -> str | None:
@@ -527,6 +492,7 @@ def _check_bigquery(config: Settings, specs: list[AssetSpec], report: _Report) -
 
     from runtime import bigquery
     from runtime.schema import missing_columns
+    from runtime.sources import resolve, settings_naming
 
     try:
         clients = _bigquery(config)
@@ -546,7 +512,7 @@ def _check_bigquery(config: Settings, specs: list[AssetSpec], report: _Report) -
         for spec in specs:
             for source in spec.sources:
                 try:
-                    place = _resolve(source, config, clients, datasets)
+                    place = resolve(source, config, clients, datasets)
                 except Exception as exc:  # noqa: BLE001 - a transport error: one line, not a traceback
                     report.line(False, f"source {source.table}", f"BigQuery did not answer ({type(exc).__name__})")
                     continue
@@ -562,7 +528,7 @@ def _check_bigquery(config: Settings, specs: list[AssetSpec], report: _Report) -
                     table = clients.rest.get_table(ref, retry=clients.retry, timeout=clients.timeout)
                 except gexc.NotFound:
                     report.line(False, label, f"{ref} does not exist ({place.note + '; ' if place.note else ''}"
-                                f"set {_setting_of(source)}, or ask for read access)")
+                                f"set {settings_naming(source)}, or ask for read access)")
                     continue
                 except Exception as exc:  # noqa: BLE001
                     report.line(False, label, f"cannot read its metadata ({type(exc).__name__})")
@@ -584,6 +550,8 @@ def plan(settings: Settings, graph: AssetGraph, out: TextIO, selection: Sequence
     """What a run of this selection would do, level by level: each asset's source tables, the
     checkpoint each would be read from, and the source's row count from BigQuery's metadata."""
     from google.api_core import exceptions as gexc
+
+    from runtime.sources import resolve
 
     names = _names(graph, selection)
     sub = graph.subgraph(names)
@@ -607,7 +575,7 @@ def plan(settings: Settings, graph: AssetGraph, out: TextIO, selection: Sequence
                 for i, source in enumerate(spec.sources):
                     sources += 1
                     try:
-                        place = _resolve(source, settings, clients, datasets)
+                        place = resolve(source, settings, clients, datasets)
                     except Exception as exc:  # noqa: BLE001
                         raise CannotRead(f"BigQuery did not answer ({type(exc).__name__})") from None
                     if full_refresh:

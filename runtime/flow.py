@@ -13,9 +13,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.urls import url_for
 
+from assets.errors import SyncError
 from graph import Selection
 from observability.events import AssetOutcome, RunInfo
 from observability.logs import trace_url
@@ -79,22 +81,28 @@ def sync_flow(
     reconcile: bool = False,
     log_format: str = "text",
     show_progress: bool = False,
-) -> RunReport:
+) -> RunReport | State:
     """Materialize the selected assets (default: all). Fails when any asset failed."""
     from runtime.progress import TerminalProgress
 
     progress = TerminalProgress() if show_progress else None
-    report = execute(
-        assets or ["*"],
-        full_refresh=full_refresh,
-        allow_mass_delete=allow_mass_delete,
-        reconcile=reconcile,
-        hooks=default_hooks(json_logs=log_format == "json", extra=[progress] if progress else [], run_link=_run_link),
-        progress=progress.update if progress else None,
-        executor=PrefectExecutor(),
-        flow_run_id=flow_run.id,
-        run_hooks=lambda graph: [RunArtifacts(graph)],
-    )
-    if report.failed:
-        raise RunFailed(report)
+    try:
+        report = execute(
+            assets or ["*"],
+            full_refresh=full_refresh,
+            allow_mass_delete=allow_mass_delete,
+            reconcile=reconcile,
+            hooks=default_hooks(json_logs=log_format == "json", extra=[progress] if progress else [], run_link=_run_link),
+            progress=progress.update if progress else None,
+            executor=PrefectExecutor(),
+            flow_run_id=flow_run.id,
+            run_hooks=lambda graph: [RunArtifacts(graph)],
+        )
+        if report.failed:
+            raise RunFailed(report)
+    except SyncError as exc:
+        # An expected failure, already logged and alerted in one line: the flow run fails with
+        # that line and carries the error, without Prefect printing a traceback of our own raise.
+        # Anything else is a bug and keeps its traceback.
+        return Failed(message=f"{type(exc).__name__}: {exc}", data=exc)
     return report

@@ -23,11 +23,12 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 from assets.errors import Cancelled, PermanentError, SourceTableMissing, SyncError, TransientError
 from assets.spec import AssetSpec, SourceTable
 from runtime import dlt_setup  # noqa: F401 - configures dlt for this process before any pipeline
-from runtime.bigquery import BigQueryClients, TableReader, dataset_exists
+from runtime.bigquery import BigQueryClients, TableReader
 from runtime.postgres import Endpoint
 from runtime.retry import transient_cause
 from runtime.schema import SourcePlan
 from runtime.settings import Settings
+from runtime.sources import resolve
 
 #: Called with (raw table, rows read so far) while a table is being read.
 Progress = Callable[[str, int], None]
@@ -39,35 +40,6 @@ Evolve = Callable[[SourceTable, list], "SourcePlan"]
 Rejects = Callable[[SourceTable, list[tuple[str, dict | None, dict, list]]], int]
 
 log = logging.getLogger("gong_sync.load")
-
-
-@dataclass(frozen=True)
-class ResolvedSource:
-    """Where a source table is read from in this warehouse, or that a stand-in replaces it."""
-
-    source: SourceTable
-    dataset: str
-    table: str
-    stand_in: bool = False
-
-
-def resolve(source: SourceTable, settings: Settings, clients: BigQueryClients) -> ResolvedSource:
-    """Apply the table-name setting and the missing-dataset rules (fallback, stand-in, error)."""
-    table = getattr(settings, source.table_setting) if source.table_setting else source.table
-    dataset = settings.dataset(source.dataset)
-    if dataset_exists(clients, dataset):
-        return ResolvedSource(source, dataset, table)
-    if source.fallback_dataset:
-        fallback = settings.dataset(source.fallback_dataset)
-        log.warning(
-            "BigQuery dataset %s.%s does not exist: reading %s.%s.%s instead",
-            clients.project, dataset, clients.project, fallback, table,
-        )
-        return ResolvedSource(source, fallback, table)
-    if source.stand_in:
-        log.warning("BigQuery dataset %s.%s does not exist: %s stays empty", clients.project, dataset, source.raw_table)
-        return ResolvedSource(source, dataset, table, stand_in=True)
-    raise SourceTableMissing(f"source table {clients.project}.{dataset}.{table} does not exist (no dataset {dataset})")
 
 
 def validate(table: pa.Table, source: SourceTable, batch_size: int) -> tuple[pa.Table, list]:
@@ -299,6 +271,8 @@ def land(
     plans: dict[str, SourcePlan] = {}
     for source in spec.sources:
         where = resolve(source, settings, clients)
+        if where.note:
+            log.warning("%s: source table %s: %s", spec.name, source.table, where.note)
         if where.stand_in:
             result.stand_ins.append(source)
             continue

@@ -8,10 +8,10 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from assets.errors import CredentialError, TransientError
@@ -32,12 +32,16 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str) -> "Endpoint":
-        parts = urlsplit(url)
+        """By libpq's own parser (a `#` or `?` in a password means what libpq says it means);
+        the URL was checked by `Settings.postgres_url`."""
+        params = conninfo_to_dict(url)
+        user = params.get("user") or "postgres"
+        port = str(params.get("port") or "5432").split(",")[0]
         return cls(
-            user=unquote(parts.username or "postgres"),
-            host=parts.hostname or "localhost",
-            port=parts.port or 5432,
-            database=unquote(parts.path.lstrip("/")) or unquote(parts.username or "postgres"),
+            user=user,
+            host=str(params.get("host") or "localhost").split(",")[0],
+            port=int(port) if port.isdigit() else 5432,
+            database=params.get("dbname") or user,
         )
 
     def __str__(self) -> str:

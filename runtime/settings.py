@@ -19,6 +19,10 @@ BQ_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
 #: BigQuery project ids: lower case letters, digits and hyphens.
 BQ_PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 
+#: How to write a password that libpq's URL parser misreads (the URL itself is never shown).
+_ENCODE_HINT = ("percent-encode special characters in the user and password (space %20, / %2F, @ %40, "
+                ": %3A, ? %3F, # %23); the value is not shown")
+
 _DEFAULT_STATE_DIR = Path.home() / ".local" / "share" / "gong-sync"
 
 
@@ -154,6 +158,20 @@ class Settings(BaseSettings):
         url = self.database_url.get_secret_value().strip()
         if urlsplit(url).scheme not in ("postgresql", "postgres"):
             raise CredentialError("DATABASE_URL must start with postgresql:// (the value is not shown)")
+        # libpq's own parser, so that what is checked is what connects. Its messages quote the
+        # offending part, which may be the password: they are never passed on.
+        from psycopg import Error as PsycopgError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(url)
+        except PsycopgError:
+            raise CredentialError(
+                f"DATABASE_URL cannot be read as postgresql://USER:PASSWORD@HOST:PORT/DATABASE; {_ENCODE_HINT}"
+            ) from None
+        ports = str(params.get("port") or "5432").split(",")
+        if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+            raise CredentialError(f"DATABASE_URL: the port is not a number from 1 to 65535; {_ENCODE_HINT}")
         return url
 
 

@@ -16,7 +16,7 @@ from runtime.local.seed import CASES, insert_rows, seed_workspace
 from runtime.postgres import Endpoint
 from runtime.flow import sync_flow
 from tests.failures.harness import DuringStep, materialize, run_with_faults
-from tests.helpers import outcome, sync
+from tests.helpers import app_holds_lock, outcome, sync
 from tests.runtime.test_sync import actual_calls, expected_calls
 
 LATER = dt.datetime(2026, 3, 1, 12, 0, 0, 654321, tzinfo=dt.UTC)
@@ -151,13 +151,14 @@ def test_postgres_down_at_the_start_is_retried_then_alerted(seeded, pg_proxy, al
 
 
 def test_a_failing_alert_channel_is_logged_and_never_hides_the_failure(seeded, alert_sink, subprocess_env):
-    seeded.bq.delete_table(seeded.gong("call"))
     alert_sink.status[alert_sink.pagerduty_path] = 500
     closed = f"http://127.0.0.1:{free_port()}{alert_sink.slack_path}"  # nothing listens there
-    result = materialize("--asset", "calls", environ={**subprocess_env, "SLACK_WEBHOOK_URL": closed})
+    with app_holds_lock(seeded, "calls"):  # the calls build gives up after LOCK_TIMEOUT
+        result = materialize("--asset", "calls", environ={**subprocess_env, "SLACK_WEBHOOK_URL": closed,
+                                                           "LOCK_TIMEOUT": "1"})
     assert result.returncode == 1, result.stdout + result.stderr
     output = result.stdout + result.stderr
-    assert f"calls: source table prefect-data-warehouse.{seeded.gong_dataset}.call does not exist" in result.stdout
+    assert "calls: waited LOCK_TIMEOUT (1 s) for a table lock and gave up" in result.stdout
     assert "Slack alert (message) not sent: ConnectError" in output
     assert "PagerDuty alert (trigger for calls) not sent: HTTP 500" in output
     assert [e["event_action"] for e in alert_sink.pagerduty()] == ["trigger"]

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from runtime.local.seed import CASES, seed_workspace, soft_delete
+from tests.helpers import app_holds_lock
 from tests.observability.otlp_receiver import OtlpGrpcReceiver, OtlpReceiver, Point, Span
 
 CANARY = "Otel-Canary-Pa55-9f3b"
@@ -216,8 +217,9 @@ def test_a_run_exports_one_trace_with_row_counts_metrics_and_json_logs(env, rece
 def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skipped(env, receiver):
     seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset,
                    salesforce_dataset=env.salesforce_dataset, calls=12)
-    env.bq.delete_table(env.gong("call"))
-    result = materialize("--asset", "users,calls,transcripts,speakers,+emails", environ=cli_env(env, receiver))
+    with app_holds_lock(env, "calls"):  # the calls build gives up after LOCK_TIMEOUT
+        result = materialize("--asset", "users,calls,transcripts,speakers,+emails",
+                             environ=cli_env(env, receiver, LOCK_TIMEOUT="1"))
     assert result.returncode == 1, result.stderr[-3000:]
     trace_id = printed_trace_id(result.stdout)
     assert receiver.wait_for(lambda: any(s.name == "sync.run" for s in receiver.spans()))
@@ -227,13 +229,14 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
     assert run.status_code == 2 and run.attributes["sync.assets_failed"] == ["calls"]
 
     calls = one(s for s in spans if s.name == "asset.materialize" and s.attributes["asset.name"] == "calls")
-    missing = f"source table prefect-data-warehouse.{env.gong_dataset}.call does not exist"
-    assert calls.status_code == 2 and missing in calls.status_message
-    assert calls.attributes["asset.status"] == "failed" and calls.attributes["asset.failed_step"] == "land"
+    gave_up = "calls: waited LOCK_TIMEOUT (1 s) for a table lock and gave up; nothing was written."
+    assert calls.status_code == 2 and gave_up in calls.status_message
+    assert calls.attributes["asset.status"] == "failed" and calls.attributes["asset.failed_step"] == "build"
     exception = dict(calls.events)["exception"]
-    assert exception["exception.type"] == "SourceTableMissing" and missing in exception["exception.message"]
-    land = one(s for s in spans if s.parent_id == calls.span_id and s.name == "asset.land")
-    assert land.status_code == 2
+    assert exception["exception.type"] == "BuildError" and gave_up in exception["exception.message"]
+    build = one(s for s in spans if s.parent_id == calls.span_id and s.name == "asset.build")
+    assert build.status_code == 2
+    assert one(s for s in spans if s.parent_id == calls.span_id and s.name == "asset.land").status_code != 2
     task = one(s for s in spans if s.span_id == calls.parent_id)
     assert task.name == "asset-calls" and task.status_code == 2
 
@@ -266,10 +269,10 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
         (flow_run_id, trace_id))))
     assert records == {"users": ("success", 0), "calls": ("failed", 1), "transcripts": ("skipped", 0),
                        "speakers": ("skipped", 0), "opportunities": ("success", 1), "emails": ("success", 2)}
-    assert re.search(r"asset\.end run_id=\S+ asset=calls status=failed .*step=land error=.*does not exist", result.stderr)
+    assert re.search(r"asset\.end run_id=\S+ asset=calls status=failed .*step=build error=.*gave up", result.stderr)
 
     emitted = "\n".join([result.stdout, result.stderr, receiver.as_text(), prefect_logs_and_artifacts(flow_run_id)])
-    assert missing in emitted and CANARY not in emitted
+    assert gave_up in emitted and CANARY not in emitted
 
 
 def test_grpc_export_and_live_progress_on_a_terminal(env):

@@ -1,0 +1,95 @@
+"""Where each source table is read from in this warehouse, and whether a selection's tables are there.
+
+One set of rules for the run, `--plan` and `--check`: the table-name setting, then a missing
+dataset's fallback dataset or stand-in; anything else missing is an error naming the settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from google.api_core import exceptions as gexc
+
+from assets.errors import ConfigError, TransientError
+from assets.spec import AssetSpec, SourceTable
+from runtime.bigquery import BigQueryClients, dataset_exists
+from runtime.schema import missing_columns
+from runtime.settings import Settings
+
+
+class SourcesMissing(ConfigError):
+    """Source tables (or the columns an asset cannot do without) that the selection needs are not
+    in the warehouse: a setting to fix, found before any work."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a source table is read from, or that a stand-in replaces it; `note` says why when it
+    is not the table's own dataset."""
+
+    source: SourceTable
+    dataset: str
+    table: str
+    stand_in: bool = False
+    note: str = ""
+
+
+def resolve(
+    source: SourceTable, settings: Settings, clients: BigQueryClients, datasets: dict[str, bool] | None = None
+) -> ResolvedSource:
+    """Apply the table-name setting and the missing-dataset rules (fallback, stand-in).
+
+    `datasets` caches whether each dataset exists across calls; a missing dataset without a rule
+    resolves to its table there, which then does not exist.
+    """
+    datasets = {} if datasets is None else datasets
+    table = getattr(settings, source.table_setting) if source.table_setting else source.table
+    dataset = settings.dataset(source.dataset)
+    if dataset not in datasets:
+        datasets[dataset] = dataset_exists(clients, dataset)
+    if datasets[dataset]:
+        return ResolvedSource(source, dataset, table)
+    if source.fallback_dataset:
+        fallback = settings.dataset(source.fallback_dataset)
+        return ResolvedSource(source, fallback, table, note=f"no dataset {dataset}: read from {fallback}")
+    if source.stand_in:
+        return ResolvedSource(source, dataset, table, stand_in=True, note=f"no dataset {dataset}: stays empty")
+    return ResolvedSource(source, dataset, table, note=f"no dataset {dataset}")
+
+
+def settings_naming(source: SourceTable) -> str:
+    """The settings that name a source table, for messages."""
+    dataset = {"gong": "GONG_DATASET", "salesforce": "SALESFORCE_DATASET"}[source.dataset]
+    return f"{dataset}, {source.table_setting.upper()}" if source.table_setting else dataset
+
+
+def check_sources(settings: Settings, clients: BigQueryClients, specs: Iterable[AssetSpec]) -> None:
+    """Raise SourcesMissing naming every source table the selection needs that is not there, or
+    lacks a column its asset cannot do without. One metadata call per table; optional tables
+    (stand-ins) may be missing. A transport error is a TransientError: the run retries reading."""
+    problems: list[str] = []
+    datasets: dict[str, bool] = {}
+    seen: set[tuple[str, str]] = set()
+    for spec in specs:
+        for source in spec.sources:
+            try:
+                place = resolve(source, settings, clients, datasets)
+                if place.stand_in or (place.dataset, place.table) in seen:
+                    continue
+                seen.add((place.dataset, place.table))
+                ref = f"{clients.project}.{place.dataset}.{place.table}"
+                table = clients.rest.get_table(ref, retry=clients.retry, timeout=clients.timeout)
+            except gexc.NotFound:
+                if not source.stand_in:
+                    problems.append(f"{spec.name}: source table {ref} does not exist "
+                                    f"({place.note + '; ' if place.note else ''}set {settings_naming(source)})")
+                continue
+            except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
+                raise TransientError(f"BigQuery did not answer for source {source.table}: {type(exc).__name__}") from None
+            required, _ = missing_columns(source, list(table.schema))
+            if required:
+                problems.append(f"{spec.name}: source table {ref} lacks column(s) {', '.join(required)}, "
+                                f"which {spec.name} cannot do without")
+    if problems:
+        raise SourcesMissing("; ".join(problems) + " (narrow the selection with --asset to run the rest)")
