@@ -68,10 +68,15 @@ def repetition(world: World, number: int, baseline_fraction: float, work: Path, 
         log.info("  no change %.2f s", no_change.wall_s)
         sample.update(full=_sync_summary(full), incremental=_sync_summary(incremental), no_change=_sync_summary(no_change))
         if ephemeral:
-            # The same no-change run without a Prefect server: Prefect starts a temporary one.
+            # The same no-change run as an operator runs it: no Prefect API configured, in-process.
             lone = project_sync(world.sync_env(url, runs / "pipelines", own_prefect=False), SELECTION, runs, "no_change_ephemeral")
-            log.info("  no change, ephemeral Prefect server %.2f s", lone.wall_s)
+            log.info("  no change, in-process %.2f s", lone.wall_s)
             sample["no_change_ephemeral_prefect"] = _sync_summary(lone)
+            # What the look-back window below the checkpoint costs: the same run without it.
+            env = {**world.sync_env(url, runs / "pipelines", own_prefect=False), "LATE_ROW_WINDOW": "0"}
+            bare = project_sync(env, SELECTION, runs, "no_change_no_window")
+            log.info("  no change, in-process, LATE_ROW_WINDOW=0 %.2f s", bare.wall_s)
+            sample["no_change_no_window"] = _sync_summary(bare)
     shutil.rmtree(runs / "pipelines", ignore_errors=True)
     return sample
 

@@ -24,6 +24,7 @@ from assets.errors import Cancelled, PermanentError, SourceTableMissing, SyncErr
 from assets.spec import AssetSpec, SourceTable
 from runtime import dlt_setup  # noqa: F401 - configures dlt for this process before any pipeline
 from runtime.bigquery import BigQueryClients, TableReader
+from runtime.late_rows import LateRowWindow, open_window
 from runtime.postgres import Endpoint
 from runtime.retry import transient_cause
 from runtime.schema import SourcePlan
@@ -115,6 +116,8 @@ class LandResult:
     rows_rejected: dict[str, int] = field(default_factory=dict)
     #: Rows held back because their cursor was in the future (also in rows_rejected).
     rows_future: dict[str, int] = field(default_factory=dict)
+    #: Rows found below the checkpoint by the look-back window, not landed before (LATE_ROW_WINDOW).
+    rows_late: dict[str, int] = field(default_factory=dict)
     stand_ins: list[SourceTable] = field(default_factory=list)
     #: The reader of each source table read (raw table → reader), for reconciliation.
     readers: dict[str, TableReader] = field(default_factory=dict)
@@ -214,7 +217,7 @@ def split_future(table: pa.Table, source: SourceTable, latest: dt.datetime) -> t
 def _resource(
     source: SourceTable, reader: TableReader, plan: SourcePlan, batch_size: int, progress: Progress | None,
     reject: Rejects | None, counts: dict[str, int], latest: dt.datetime, future: dict[str, int],
-    cancel: threading.Event,
+    cancel: threading.Event, window: LateRowWindow | None, late: dict[str, int],
 ):
     @dlt.resource(
         name=source.raw_table,
@@ -225,10 +228,16 @@ def _resource(
         columns=plan.hints,
     )
     def rows(
-        cursor=dlt.sources.incremental(source.cursor, initial_value=None, range_start="closed"),  # noqa: B008
+        # With a look-back window, dlt starts `lag` seconds below the checkpoint and keeps the
+        # checkpoint moving forward only; the window's rows already landed are dropped below.
+        cursor=dlt.sources.incremental(  # noqa: B008
+            source.cursor, initial_value=None, range_start="closed",
+            lag=(window.checkpoint - window.start).total_seconds() if window else None,
+        ),
     ) -> Iterator[pa.Table]:
-        # start_value is the last checkpoint; None on the first run, which reads all history.
-        for table in reader.read(source.columns, source.cursor, cursor.start_value):
+        # The last checkpoint (less the window); None on the first run, which reads all history.
+        since = window.start if window else cursor.start_value
+        for table in reader.read(source.columns, source.cursor, since):
             if cancel.is_set():  # a safe point: nothing of this extract is loaded, the checkpoint stays
                 raise Cancelled("cancelled by the operator while reading; nothing of this read was loaded")
             if progress:
@@ -236,6 +245,9 @@ def _resource(
             table, rejects = validate(plan.adapt(table), source, batch_size)
             table, repaired = scrub_nul(table, source, plan.json_text)
             table, ahead = split_future(table, source, latest)
+            if window:
+                table, found = window.drop_landed(table)
+                late[source.raw_table] = late.get(source.raw_table, 0) + found
             if ahead:
                 future[source.raw_table] = future.get(source.raw_table, 0) + len(ahead)
             rejects += repaired + ahead
@@ -272,7 +284,7 @@ def land(
     for source in spec.sources:
         where = resolve(source, settings, clients)
         if where.note:
-            log.warning("%s: source table %s: %s", spec.name, source.table, where.note)
+            log.warning("%s: source table %s.%s: %s", spec.name, settings.dataset(source.dataset), where.table, where.note)
         if where.stand_in:
             result.stand_ins.append(source)
             continue
@@ -300,9 +312,13 @@ def land(
             result.checkpoint_before[source.raw_table] = _checkpoint(pipeline, source)
         if full_refresh:
             _forget_cursors(pipeline, read)
+        windows = {} if full_refresh else {
+            s.raw_table: open_window(settings, s, result.checkpoint_before[s.raw_table]) for s in read
+        }
         resources = [
             _resource(s, readers[s.raw_table], plans[s.raw_table], settings.batch_size, progress, reject,
-                      result.rows_rejected, latest, result.rows_future, cancel or threading.Event())
+                      result.rows_rejected, latest, result.rows_future, cancel or threading.Event(),
+                      windows.get(s.raw_table), result.rows_late)
             for s in read
         ]
         if resources:

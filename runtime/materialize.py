@@ -86,6 +86,10 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
             ctx.hooks.notice(ctx.run, f"future-cursor:{spec.name}",
                              f"{spec.name}: {n} row(s) of {table} carry a cursor later than now plus"
                              " FUTURE_CURSOR_TOLERANCE; they are in dead_letters and the checkpoint stays")
+        for table, n in landed.rows_late.items():
+            if n:  # worth knowing: they would have been lost without the window
+                log.info("%s: %d late row(s) of %s found below the checkpoint (LATE_ROW_WINDOW) and landed",
+                         spec.name, n, table)
         outcome.rows_read = sum(landed.rows_read.values())
         outcome.rows_dead_lettered = sum(landed.rows_rejected.values())
         outcome.rows_loaded = sum(landed.rows_loaded.values())

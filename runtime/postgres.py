@@ -373,7 +373,9 @@ def secure_raw_table(conn: psycopg.Connection, catalog: Catalog, source: SourceT
             conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
             conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(ref, key))
         add_load_order(conn, catalog, source.raw_table)
-        for columns in source.lookups:  # the builds look rows up by these
+        # The look-back window below the checkpoint reads the raw rows from its start on
+        # (runtime/late_rows.py); the builds look rows up by the lookups.
+        for columns in ((source.cursor,), *source.lookups):
             conn.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
                     sql.Identifier(f"{source.raw_table}__{'_'.join(columns)}"[:63]), ref,

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     #: A cursor value later than now plus this many seconds never becomes the checkpoint: its
     #: row goes to dead letters, and an alert says so.
     future_cursor_tolerance: float = Field(default=3600.0, ge=0)
+    #: Each incremental read also covers this many seconds below the checkpoint: a row Fivetran
+    #: committed late with an earlier `_fivetran_synced` is still read. Rows already landed with
+    #: that cursor (or a later one) are dropped, so nothing is written twice. 0 turns it off.
+    late_row_window: float = Field(default=900.0, ge=0)
     batch_size: int = Field(default=1000, ge=1)
     max_parallel: int = Field(default=4, ge=1, le=64)
     #: Tries after the first for transient failures, and the exponential backoff's base and cap (s).

@@ -52,9 +52,10 @@ def resolve(
         return ResolvedSource(source, dataset, table)
     if source.fallback_dataset:
         fallback = settings.dataset(source.fallback_dataset)
-        return ResolvedSource(source, fallback, table, note=f"no dataset {dataset}: read from {fallback}")
+        return ResolvedSource(source, fallback, table, note=f"no dataset {dataset}: read {fallback}.{table} instead")
     if source.stand_in:
-        return ResolvedSource(source, dataset, table, stand_in=True, note=f"no dataset {dataset}: stays empty")
+        return ResolvedSource(source, dataset, table, stand_in=True,
+                              note=f"no dataset {dataset}: {source.raw_table} stays empty")
     return ResolvedSource(source, dataset, table, note=f"no dataset {dataset}")
 
 
