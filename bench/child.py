@@ -2,7 +2,7 @@
 
 Usage: `python -m bench.child OUT.json SELECTION`. The parent times the whole process; this
 module adds what only the process itself knows: how long the imports took, how long the run
-took, and its own peak resident memory (children such as an ephemeral Prefect server excluded).
+took, and its own peak resident memory. Without a Prefect API it runs in-process, as the CLI does.
 """
 
 from __future__ import annotations
@@ -37,15 +37,31 @@ def main(argv: list[str]) -> int:
     out, selection = Path(argv[0]), argv[1]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from runtime.flow import RunFailed, RunReport, sync_flow
-    from runtime.session import preflight
+    from graph import Selection, default_graph
+    from runtime.prefect_api import prefect_api_url
+    from runtime.session import check_app_tables, preflight
     from runtime.settings import load_settings
+    from runtime.sources import check_sources
+
+    # As `materialize` decides: a Prefect flow run when an API is configured, else in-process.
+    api = prefect_api_url()
+    if api:
+        from runtime.flow import RunFailed, RunReport, sync_flow
+    else:
+        from runtime.run import RunFailed, RunReport, default_hooks, execute
 
     imported = time.perf_counter()
-    _, _, clients = preflight(load_settings())  # as the CLI does before the flow starts
+    # The CLI's checks before any work: both systems, the selection's source tables, the app's tables.
+    settings = load_settings()
+    graph = default_graph().subgraph(Selection.parse([selection]).resolve_ordered(default_graph()))
+    _, _, clients = preflight(settings)
+    check_sources(settings, clients, [graph.spec(name) for name in graph.names])
     clients.close()
-    state = sync_flow(assets=[selection], return_state=True)
-    result = state.result(raise_on_failure=False)
+    check_app_tables(settings, graph)
+    if api:
+        result = sync_flow(assets=[selection], return_state=True).result(raise_on_failure=False)
+    else:
+        result = execute([selection], settings=settings, hooks=default_hooks())
     finished = time.perf_counter()
     report = result.report if isinstance(result, RunFailed) else result
     outcomes = [

@@ -37,7 +37,7 @@ def summarize(size: dict) -> dict:
     incremental_s = median(samples, "incremental", "wall_s")
     incremental_run_s = median(samples, "incremental", "run_s")
     no_change_s = median(samples, "no_change", "wall_s")
-    in_process = [s["no_change_ephemeral_prefect"]["wall_s"] for s in samples if "no_change_ephemeral_prefect" in s]
+    in_process = [s["no_change_no_api"]["wall_s"] for s in samples if "no_change_no_api" in s]
     peak = max(max(s[k]["peak_rss_mb"] for k in ("full", "incremental", "no_change")) for s in samples)
     full_rate = rows / full_s
     values = {
@@ -86,14 +86,14 @@ def summarize(size: dict) -> dict:
             for name, (cmp, bound) in TARGETS.items()
         },
     }
-    ephemeral = [s["no_change_ephemeral_prefect"]["wall_s"] for s in samples if "no_change_ephemeral_prefect" in s]
-    if ephemeral:
-        summary["seconds"]["sync_no_change_ephemeral_prefect"] = ephemeral[0]
+    no_api = [s["no_change_no_api"]["wall_s"] for s in samples if "no_change_no_api" in s]
+    if no_api:
+        summary["seconds"]["sync_no_change_no_api"] = no_api[0]
     bare = [s["no_change_no_window"] for s in samples if "no_change_no_window" in s]
     if bare:
         summary["seconds"]["sync_no_change_no_window"] = bare[0]["wall_s"]
-        summary["seconds"]["sync_no_change_no_window_in_process"] = bare[0]["run_s"]
-        summary["seconds"]["sync_no_change_ephemeral_prefect_in_process"] = samples[0]["no_change_ephemeral_prefect"]["run_s"]
+        summary["seconds"]["sync_no_change_no_window_run"] = bare[0]["run_s"]
+        summary["seconds"]["sync_no_change_no_api_run"] = samples[0]["no_change_no_api"]["run_s"]
     return summary
 
 
@@ -133,12 +133,12 @@ def table(size: dict) -> str:
         f" written (whole process) | {sec['sync_incremental']:.1f} | | |",
         f"| no change (whole process) | {sec['sync_no_change']:.1f} | | |",
     ]
-    if "sync_no_change_ephemeral_prefect" in sec:
-        lines.append(f"| no change, in-process (no Prefect API configured) | {sec['sync_no_change_ephemeral_prefect']:.1f} | | |")
+    if "sync_no_change_no_api" in sec:
+        lines.append(f"| no change, in-process (no Prefect API configured) | {sec['sync_no_change_no_api']:.1f} | | |")
     if "sync_no_change_no_window" in sec:
         lines.append(f"| the same with `LATE_ROW_WINDOW=0` (what the look-back window costs: in-process"
-                     f" {sec['sync_no_change_ephemeral_prefect_in_process']:.2f} s with it,"
-                     f" {sec['sync_no_change_no_window_in_process']:.2f} s without) | {sec['sync_no_change_no_window']:.1f} | | |")
+                     f" {sec['sync_no_change_no_api_run']:.2f} s with it,"
+                     f" {sec['sync_no_change_no_window_run']:.2f} s without) | {sec['sync_no_change_no_window']:.1f} | | |")
     lines += ["", "| target | value | met |", "|---|---:|---|"]
     for name, t in s["targets"].items():
         lines.append(f"| {name} {t['target']} | {t['value']:,.3g} | {'yes' if t['met'] else 'no'} |")

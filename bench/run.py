@@ -27,7 +27,7 @@ def _sync_summary(run: SyncRun) -> dict[str, object]:
     return summary
 
 
-def repetition(world: World, number: int, baseline_fraction: float, work: Path, ephemeral: bool) -> dict[str, object]:
+def repetition(world: World, number: int, baseline_fraction: float, work: Path, no_api: bool) -> dict[str, object]:
     """One sample of every measurement; the emulator starts afresh before each large read."""
     sample: dict[str, object] = {}
     world.restart_emulator()
@@ -67,11 +67,11 @@ def repetition(world: World, number: int, baseline_fraction: float, work: Path, 
         no_change = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "no_change")
         log.info("  no change %.2f s", no_change.wall_s)
         sample.update(full=_sync_summary(full), incremental=_sync_summary(incremental), no_change=_sync_summary(no_change))
-        if ephemeral:
+        if no_api:
             # The same no-change run as an operator runs it: no Prefect API configured, in-process.
-            lone = project_sync(world.sync_env(url, runs / "pipelines", own_prefect=False), SELECTION, runs, "no_change_ephemeral")
+            lone = project_sync(world.sync_env(url, runs / "pipelines", own_prefect=False), SELECTION, runs, "no_change_no_api")
             log.info("  no change, in-process %.2f s", lone.wall_s)
-            sample["no_change_ephemeral_prefect"] = _sync_summary(lone)
+            sample["no_change_no_api"] = _sync_summary(lone)
             # What the look-back window below the checkpoint costs: the same run without it.
             env = {**world.sync_env(url, runs / "pipelines", own_prefect=False), "LATE_ROW_WINDOW": "0"}
             bare = project_sync(env, SELECTION, runs, "no_change_no_window")
@@ -100,5 +100,5 @@ def run_size(world: World, rows: int, repeat: int, baseline_rows: int, work: Pat
     samples = []
     for number in range(repeat):
         log.info("repetition %d of %d", number + 1, repeat)
-        samples.append(repetition(world, number, fraction, work, ephemeral=number == 0))
+        samples.append(repetition(world, number, fraction, work, no_api=number == 0))
     return {"rows_requested": rows, "rows": total, "tables": counts, "samples": samples}

@@ -14,7 +14,6 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 
-import httpx
 
 from observability.events import AssetOutcome, RunInfo
 from observability.hooks import Hook
@@ -205,6 +204,8 @@ class AlertHook(Hook):
 
     def _post(self, channel: str, url: str, body: dict, what: str = "message") -> None:
         # Neither the URL (a Slack webhook URL is itself a secret) nor the body goes to the log.
+        import httpx  # here, not at the top: it imports its CLI's libraries, ~0.15 s every run
+
         try:
             response = httpx.post(url, json=body, timeout=self.timeout_s)
         except httpx.HTTPError as exc:

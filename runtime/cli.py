@@ -264,5 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
+def entry() -> None:
+    """The `materialize` command: `main`, then an exit that skips the interpreter's teardown.
+
+    Tearing down the ~2,000 modules a run imports (dlt, pyarrow, the Google clients) takes 0.4 s
+    on two cores, a seventh of a no-change run. Everything that must outlive the run is flushed
+    by then (the summary, logs, spans and metrics); only Prefect's exit handlers still have work
+    (its last logs and events to the API), so a process that imported Prefect exits normally.
+    """
+    code = main()
+    if "prefect" in sys.modules:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

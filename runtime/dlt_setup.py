@@ -34,6 +34,27 @@ def _parse_json_paths_once() -> None:
 _parse_json_paths_once()
 
 
+def _parse_urls_without_sqlalchemy() -> None:
+    """dlt parses and renders connection strings with SQLAlchemy's URL whenever SQLAlchemy is
+    installed (Prefect brings it): 0.12 s of imports in every process, for two functions that
+    dlt's own shim provides (it is what dlt uses where SQLAlchemy is absent). Set before dlt
+    imports its compatibility module; a process that already has it keeps it."""
+    import sys
+    import types
+
+    name = "dlt.common.libs.sql_alchemy_compat"
+    if name in sys.modules:
+        return
+    from dlt.common.libs import sql_alchemy_shims
+
+    compat = types.ModuleType(name)
+    compat.URL, compat.make_url = sql_alchemy_shims.URL, sql_alchemy_shims.make_url
+    sys.modules[name] = compat
+
+
+_parse_urls_without_sqlalchemy()
+
+
 class _KeptHintsFilter(logging.Filter):
     """Drop dlt's warning, once per Arrow batch, that our column hints differ from the batch's
     schema and were kept. They differ by design (a primary key is declared NOT NULL, the Storage

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from dlt.common.destination.exceptions import SchemaUpdateError
 from dlt.common.exceptions import TransientException as DltTransientException
 from dlt.common.pipeline import ExtractInfo
+from dlt.destinations.impl.postgres.configuration import PostgresCredentials
 from dlt.pipeline.exceptions import PipelineStepFailed
 
 from assets.errors import Cancelled, PermanentError, SourceTableMissing, SyncError, TransientError
@@ -142,9 +143,19 @@ def open_pipeline(spec: AssetSpec, settings: Settings, url: str) -> dlt.Pipeline
     return dlt.pipeline(
         pipeline_name=pipeline_name(spec),
         pipelines_dir=str(settings.pipelines_dir / where),
-        destination=dlt.destinations.postgres(credentials=url),
+        destination=dlt.destinations.postgres(credentials=_credentials(url)),
         dataset_name=settings.raw_schema,
     )
+
+
+def _credentials(url: str) -> PostgresCredentials:
+    """dlt's credentials for the URL. A URL without a password is valid for libpq (trust or peer
+    authentication, ~/.pgpass, PGPASSWORD) but dlt insists on one: an empty one lets libpq decide."""
+    credentials = PostgresCredentials()
+    credentials.parse_native_representation(url)
+    if credentials.password is None:
+        credentials.password = ""
+    return credentials
 
 
 def fresh_pipeline(spec: AssetSpec, settings: Settings, url: str) -> dlt.Pipeline:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from assets.errors import SyncError, UpstreamFailed
 from graph import AssetGraph, Selection, default_graph
@@ -189,13 +189,19 @@ def alert_hooks(settings: Settings | None = None, run_link: Callable[[RunInfo], 
         return []  # the run itself reports the bad setting
     if not (settings.slack_webhook_url or settings.pagerduty_routing_key):
         return []
-    password = urlsplit(url).password
+    # The password as libpq reads it (a `#` or `?` in it confuses urlsplit), and as the URL writes it.
+    from psycopg.conninfo import conninfo_to_dict
+
+    written = urlsplit(url).password
+    password = conninfo_to_dict(url).get("password")
+    forms = (password, quote(password, safe="") if password else None, written, unquote(written) if written else None)
+    hidden = {form for form in forms if form}
     return [AlertHook(
         slack_webhook_url=settings.slack_webhook_url.get_secret_value() if settings.slack_webhook_url else None,
         pagerduty_routing_key=settings.pagerduty_routing_key.get_secret_value() if settings.pagerduty_routing_key else None,
         pagerduty_events_url=settings.pagerduty_events_url, severity=settings.pagerduty_severity,
         source=str(Endpoint.parse(url)), run_link=run_link or (lambda run: trace_url(run.trace_id)), timeout_s=settings.alert_timeout,
-        secrets=[url, *([password, unquote(password)] if password else [])],
+        secrets=[url, *sorted(hidden, key=len, reverse=True)],
     )]
 
 

@@ -93,6 +93,27 @@ def test_rejected_password_names_user_and_server_not_the_password(env, password_
     assert CANARY not in result.stdout + result.stderr
 
 
+def test_a_url_without_password_uses_libpq_s_own_sources(env, password_role):
+    """A password from PGPASSWORD (or ~/.pgpass, or trust): the URL carries none, and dlt's
+    loads connect as the pipeline's own connections do."""
+    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=10, tables=["gong.users"])
+    with psycopg.connect(env.database_url, autocommit=True) as conn:
+        conn.execute(f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {password_role}")
+        conn.execute(f"GRANT ALL ON SCHEMA public TO {password_role}")
+    url = with_password(env.database_url, "", user=password_role).replace(f"{password_role}:@", f"{password_role}@")
+    assert f"{password_role}@" in url
+    try:
+        result = materialize("--asset", "users", env_vars={**env.vars(), "DATABASE_URL": url, "PGPASSWORD": CANARY})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert env.rows("SELECT count(*) FROM gong_raw.gong__users")[0][0] > 0
+        assert env.rows("SELECT count(*) FROM users")[0][0] > 0
+        assert CANARY not in result.stdout + result.stderr
+    finally:  # what the role made goes to the test's owner, so the role can be dropped
+        with psycopg.connect(env.database_url, autocommit=True) as conn:
+            conn.execute(f"REASSIGN OWNED BY {password_role} TO CURRENT_USER")
+            conn.execute(f"DROP OWNED BY {password_role}")
+
+
 def test_missing_credentials_file_is_named(env, tmp_path):
     missing = tmp_path / "nope" / "key.json"
     vars_ = {**env.vars(), "BIGQUERY_EMULATOR_HOST": "", "BIGQUERY_STORAGE_EMULATOR_HOST": "",
