@@ -83,4 +83,12 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    if "prefect" not in sys.modules:  # as `materialize` exits (runtime.cli.entry): no teardown
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(code)
+    sys.exit(code)
