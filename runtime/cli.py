@@ -104,11 +104,21 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _check_sources(settings, graph) -> None:  # noqa: ANN001 - Settings, AssetGraph (imported lazily)
+    from runtime.session import preflight
+    from runtime.sources import check_sources
+
+    _, _, clients = preflight(settings)
+    try:
+        check_sources(settings, clients, [graph.spec(name) for name in graph.names])
+    finally:
+        clients.close()
+
+
 def run(args: argparse.Namespace) -> int:
     from runtime.prefect_api import prefect_api_url
-    from runtime.session import check_app_tables, preflight
+    from runtime.session import check_app_tables
     from runtime.settings import load_settings
-    from runtime.sources import check_sources
 
     selection = Selection.parse(args.asset or ["*"])
     selection.resolve(default_graph())  # an unknown name fails here, before anything starts
@@ -122,15 +132,14 @@ def run(args: argparse.Namespace) -> int:
     # assets whose tables are missing, with an alert: nobody is at the terminal to fix it.)
     settings = load_settings()
     graph = default_graph().subgraph(selection.resolve_ordered(default_graph()))
-    try:
-        _, _, clients = preflight(settings)
+    said: set[str] = set()
+    for check in (lambda: _check_sources(settings, graph), lambda: check_app_tables(settings, graph)):
         try:
-            check_sources(settings, clients, [graph.spec(name) for name in graph.names])
-        finally:
-            clients.close()
-        check_app_tables(settings, graph)
-    except TransientError as exc:  # not a credential: the run retries connecting and alerts if it gives up
-        logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
+            check()
+        except TransientError as exc:  # not a setting: the run retries, and alerts if it gives up
+            if str(exc) not in said:  # Postgres down fails both checks the same way
+                said.add(str(exc))
+                logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
     # Imported after the preflight: importing the runner installs tracing, and the preflight's
     # BigQuery calls would otherwise show up as a trace of their own.
     from observability.metrics import flush_metrics
@@ -275,9 +284,18 @@ def entry() -> None:
     code = main()
     if "prefect" in sys.modules:
         sys.exit(code)
+    if "observability.tracing" in sys.modules:  # a run that ended early may hold unsent spans
+        from observability.metrics import flush_metrics
+        from observability.tracing import flush_tracing
+
+        flush_tracing()
+        flush_metrics()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # `materialize --list | head`: the reader has gone, nothing to tell it
+        pass
     os._exit(code)
 
 

@@ -13,10 +13,12 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import sql
 
+from assets.errors import TransientError
 from assets.spec import SourceTable
 from runtime.postgres import Catalog, connected, table_exists
 from runtime.schema import landing_names
@@ -54,11 +56,13 @@ class LateRowWindow:
                     + [self.landed[_KNOWN_CURSOR].cast(table[cursor].type)],
                     names=[*keys, _KNOWN_CURSOR],
                 )
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 # A key type the raw table stores differently: land the window as read; dlt's merge
-                # keeps one row per key, so this costs a rewrite, never a duplicate.
-                log.debug("%s: late-row window not de-duplicated: key types differ", self.source.raw_table)
-                return table, _late(table, cursor, self.checkpoint)
+                # keeps one row per key, so this costs a rewrite, never a duplicate. Nothing is
+                # counted as late: it cannot be told.
+                log.warning("%s: the look-back window's rows are merged again: key types differ from the raw"
+                            " table's", self.source.raw_table)
+                return table, 0
             probe = table.select([*keys, cursor]).append_column(_ROW, pa.array(range(table.num_rows), pa.int64()))
             matched = probe.join(landed, keys=keys, join_type="inner")
             seen = matched.filter(pc.greater_equal(matched[_KNOWN_CURSOR], matched[cursor]))[_ROW]
@@ -75,11 +79,17 @@ def _late(table: pa.Table, cursor: str, checkpoint: dt.datetime) -> int:
     return int(pc.sum(pc.cast(pc.fill_null(below, False), pa.int64())).as_py() or 0)
 
 
+#: Rows of the window fetched from Postgres at a time: only these are ever Python objects; the
+#: window itself is held as Arrow (a million keys of a big initial sync: tens of MB).
+FETCH_ROWS = 50_000
+
+
 def open_window(settings: Settings, source: SourceTable, checkpoint: str | None) -> LateRowWindow | None:
     """The window of one source below its checkpoint, or None when there is none to read (first
-    read, a full refresh, LATE_ROW_WINDOW=0, a cursor that is not a timestamp)."""
-    if settings.late_row_window <= 0 or checkpoint is None:
-        return None
+    read, a full refresh, LATE_ROW_WINDOW=0, a cursor that is not a timestamp, keys Arrow cannot
+    hold): without a window dlt reads from the checkpoint and de-duplicates its boundary itself."""
+    if settings.late_row_window <= 0 or checkpoint is None or "T" not in checkpoint:
+        return None  # a DATE cursor would be lagged by dlt in days, not seconds
     try:
         at = dt.datetime.fromisoformat(checkpoint)
     except ValueError:
@@ -89,15 +99,35 @@ def open_window(settings: Settings, source: SourceTable, checkpoint: str | None)
     start = at - dt.timedelta(seconds=settings.late_row_window)
     catalog = Catalog(settings)
     columns = [*source.primary_key, source.cursor]
-    with connected(settings) as conn:
-        if not table_exists(conn, catalog.raw_name, source.raw_table):
-            landed = pa.table({c: pa.array([], pa.null()) for c in columns})
-        else:
-            # An index on the cursor keeps this to the window's rows (runtime/postgres.py).
-            cur = conn.execute(sql.SQL("SELECT {} FROM {} WHERE {} >= %s").format(
-                sql.SQL(", ").join(map(sql.Identifier, columns)), catalog.raw_table(source.raw_table),
-                sql.Identifier(source.cursor)), (start,))
-            rows = cur.fetchall()
-            landed = pa.table([pa.array([r[i] for r in rows]) for i in range(len(columns))], names=columns)
+    chunks: list[pa.Table] = []
+    try:
+        with connected(settings) as conn:  # its own: a named cursor needs a transaction of its own
+            if table_exists(conn, catalog.raw_name, source.raw_table):
+                try:
+                    # An index on the cursor keeps this to the window's rows (runtime/postgres.py);
+                    # a server-side cursor keeps a large window out of Python's memory.
+                    with conn.transaction(), conn.cursor(name=f"late_{source.raw_table}"[:63]) as cur:
+                        cur.execute(sql.SQL("SELECT {} FROM {} WHERE {} >= %s").format(
+                            sql.SQL(", ").join(map(sql.Identifier, columns)), catalog.raw_table(source.raw_table),
+                            sql.Identifier(source.cursor)), (start,))
+                        while rows := cur.fetchmany(FETCH_ROWS):
+                            chunks.append(pa.table([pa.array([r[i] for r in rows]) for i in range(len(columns))],
+                                                   names=columns))
+                except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                    raise TransientError(
+                        f"{source.raw_table}: reading the look-back window gave up after LOCK_TIMEOUT"
+                        f" ({settings.lock_timeout:g} s) or STATEMENT_TIMEOUT: another session locks the raw table"
+                    ) from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        log.warning("%s: keys Arrow cannot hold; reading from the checkpoint without a look-back window",
+                    source.raw_table)
+        return None
+    try:
+        landed = pa.concat_tables(chunks, promote_options="permissive") if chunks else None
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    if landed is None:
+        landed = pa.table({c: pa.array([], pa.null()) for c in columns})
+    log.debug("%s: look-back window from %s: %d row(s) already landed", source.raw_table, start, landed.num_rows)
     landed = landed.rename_columns([*source.primary_key, _KNOWN_CURSOR])
     return LateRowWindow(source, at, start, landed)

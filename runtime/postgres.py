@@ -36,10 +36,10 @@ class Endpoint:
         the URL was checked by `Settings.postgres_url`."""
         params = conninfo_to_dict(url)
         user = params.get("user") or "postgres"
-        port = str(params.get("port") or "5432").split(",")[0]
+        port = str(params.get("port") or "5432")
         return cls(
             user=user,
-            host=str(params.get("host") or "localhost").split(",")[0],
+            host=str(params.get("host") or "localhost"),
             port=int(port) if port.isdigit() else 5432,
             database=params.get("dbname") or user,
         )
@@ -52,6 +52,9 @@ def explain_connect_error(exc: psycopg.OperationalError, endpoint: Endpoint) -> 
     """Turn a libpq connection failure into one sentence naming what is wrong (never the password)."""
     text = str(exc)
     where = f"{endpoint.host}:{endpoint.port}"
+    if isinstance(exc, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)):
+        # Connected, then a statement gave up waiting: not an unreachable server.
+        return TransientError(f"a statement at {where} gave up: {exc.diag.message_primary} (LOCK_TIMEOUT, STATEMENT_TIMEOUT)")
     if "password authentication failed" in text or "no password supplied" in text:
         return CredentialError(f"DATABASE_URL: password rejected for user {endpoint.user} at {where}")
     if "does not exist" in text and "database" in text:

@@ -173,8 +173,11 @@ class Settings(BaseSettings):
             raise CredentialError(
                 f"DATABASE_URL cannot be read as postgresql://USER:PASSWORD@HOST:PORT/DATABASE; {_ENCODE_HINT}"
             ) from None
-        ports = str(params.get("port") or "5432").split(",")
-        if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+        if "," in str(params.get("host") or "") or "," in str(params.get("port") or ""):
+            # libpq would try each in turn; dlt's loader takes one host and one port.
+            raise CredentialError("DATABASE_URL names several hosts: name one (the primary the pipeline writes to)")
+        port = str(params.get("port") or "5432")
+        if not port.isdigit() or not 0 < int(port) < 65536:
             raise CredentialError(f"DATABASE_URL: the port is not a number from 1 to 65535; {_ENCODE_HINT}")
         return url
 

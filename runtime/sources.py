@@ -86,6 +86,9 @@ def check_sources(settings: Settings, clients: BigQueryClients, specs: Iterable[
                     problems.append(f"{spec.name}: source table {ref} does not exist "
                                     f"({place.note + '; ' if place.note else ''}set {settings_naming(source)})")
                 continue
+            except (gexc.Forbidden, gexc.Unauthorized):
+                problems.append(f"{spec.name}: source table {ref}: permission denied for these credentials")
+                continue
             except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
                 raise TransientError(f"BigQuery did not answer for source {source.table}: {type(exc).__name__}") from None
             required, _ = missing_columns(source, list(table.schema))

@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from google.cloud import bigquery
 
@@ -744,3 +745,19 @@ def test_a_late_change_to_a_row_with_a_two_column_key_is_read_and_the_window_can
                 {"talk_time": 1234.0}, checkpoint - dt.timedelta(seconds=30))
     assert outcome(sync("speakers"), "speakers").status == "success"
     assert talk_time(other) == [(other["talk_time"],)]  # below the checkpoint: not read
+
+
+def test_a_raw_table_locked_by_another_session_fails_the_window_s_read_naming_the_timeout(calls_only, monkeypatch):
+    """The look-back window reads the raw table before landing: a session holding it (a VACUUM
+    FULL, an ALTER) makes that read give up after LOCK_TIMEOUT, said as such, not as Postgres down."""
+    env = calls_only
+    assert outcome(sync("calls"), "calls").status == "success"
+    monkeypatch.setenv("LOCK_TIMEOUT", "1")
+    with psycopg.connect(env.database_url) as holder:  # a transaction, held until rollback
+        holder.execute("LOCK TABLE gong_raw.gong__call IN ACCESS EXCLUSIVE MODE")
+        calls = outcome(sync("calls"), "calls")
+        holder.rollback()
+    assert calls.status == "failed"
+    assert "gong__call: reading the look-back window gave up after LOCK_TIMEOUT (1 s)" in calls.error
+    assert "nothing accepts connections" not in calls.error
+    assert outcome(sync("calls"), "calls").status == "success"  # the next run, once the lock is gone

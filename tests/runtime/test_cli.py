@@ -190,6 +190,8 @@ def bad_settings(env) -> dict[str, tuple[dict[str, str], str]]:  # noqa: ANN001 
         "password with a slash": ({"DATABASE_URL": f"postgresql://postgres:Can/ary@{host_port_db}"},
                                   "materialize: DATABASE_URL: the port is not a number from 1 to 65535"),
         "number setting": ({"LOCK_TIMEOUT": "soon"}, "materialize: invalid settings: LOCK_TIMEOUT:"),
+        "several hosts": ({"DATABASE_URL": f"postgresql://postgres@127.0.0.1,{host_port_db}"},
+                          "materialize: DATABASE_URL names several hosts: name one"),
         "missing table": ({"EMAIL_TABLE": "no_such_email"},
                           f"materialize: emails: source table prefect-data-warehouse.{env.gong_dataset}.no_such_email "
                           "does not exist (set GONG_DATASET, EMAIL_TABLE)"),
@@ -197,7 +199,8 @@ def bad_settings(env) -> dict[str, tuple[dict[str, str], str]]:  # noqa: ANN001 
 
 
 @pytest.mark.parametrize("case", ["malformed url", "unknown host", "bad port", "unencoded password",
-                                  "password with a slash", "number setting", "missing table"])
+                                  "password with a slash", "number setting", "several hosts",
+                                  "missing table"])
 def test_each_bad_setting_is_exit_2_at_once_in_one_line_naming_it(env, case):
     seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset,
                    salesforce_dataset=env.salesforce_dataset, calls=10)

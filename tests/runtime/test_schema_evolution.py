@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 
-import pyarrow as pa
 import pytest
 from google.cloud import bigquery
 
