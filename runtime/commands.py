@@ -488,11 +488,9 @@ def _check_contract(conn: psycopg.Connection, config: Settings, specs: list[Asse
 
 
 def _check_bigquery(config: Settings, specs: list[AssetSpec], report: _Report) -> None:
-    from google.api_core import exceptions as gexc
 
     from runtime import bigquery
-    from runtime.schema import missing_columns
-    from runtime.sources import resolve, settings_naming
+    from runtime.sources import inspect_sources
 
     try:
         clients = _bigquery(config)
@@ -507,37 +505,9 @@ def _check_bigquery(config: Settings, specs: list[AssetSpec], report: _Report) -
             return
         where = f"emulator at {config.bigquery_emulator_host}" if config.uses_emulator else "BigQuery"
         report.line(True, "bigquery", f"connected to {where}, project {clients.project}; dataset {config.gong_dataset} found")
-        datasets: dict[str, bool] = {}
-        seen: set[tuple[str, str]] = set()
-        for spec in specs:
-            for source in spec.sources:
-                try:
-                    place = resolve(source, config, clients, datasets)
-                except Exception as exc:  # noqa: BLE001 - a transport error: one line, not a traceback
-                    report.line(False, f"source {source.table}", f"BigQuery did not answer ({type(exc).__name__})")
-                    continue
-                if (place.dataset, place.table) in seen:
-                    continue
-                seen.add((place.dataset, place.table))
-                label = f"source {place.dataset}.{place.table} ({spec.name})"
-                if place.stand_in:
-                    report.line(True, label, place.note)
-                    continue
-                ref = f"{clients.project}.{place.dataset}.{place.table}"
-                try:
-                    table = clients.rest.get_table(ref, retry=clients.retry, timeout=clients.timeout)
-                except gexc.NotFound:
-                    report.line(False, label, f"{ref} does not exist ({place.note + '; ' if place.note else ''}"
-                                f"set {settings_naming(source)}, or ask for read access)")
-                    continue
-                except Exception as exc:  # noqa: BLE001
-                    report.line(False, label, f"cannot read its metadata ({type(exc).__name__})")
-                    continue
-                required, _ = missing_columns(source, list(table.schema))
-                if required:
-                    report.line(False, label, f"lacks column(s) {', '.join(required)}, which {spec.name} cannot do without")
-                else:
-                    report.line(True, label, "exists" + (f" ({place.note})" if place.note else ""))
+        for source in inspect_sources(config, clients, specs):
+            report.line(source.ok, f"source {source.label} ({source.spec.name})",
+                        source.detail + (f", {source.hint}" if source.hint else ""))
     finally:
         clients.close()
 
@@ -636,8 +606,10 @@ examples:
 exit codes:
   0    done: every selected asset succeeded, the run was skipped (another run holds the
        lock), or a command that runs nothing finished (--check: every check passed)
-  1    an asset failed; the summary lists every asset (downstream ones are skipped)
+  1    an asset failed, or Postgres or BigQuery did not answer after retries; the summary
+       lists every asset (downstream ones are skipped)
   2    bad input before any work: an unknown asset, a missing or rejected credential, a
-       malformed setting, a system that cannot be reached; --check: a check failed
+       malformed setting, a source table the selection needs that is not there; a command
+       that runs nothing could not reach a system; --check: a check failed
   130  stopped by Ctrl-C or SIGTERM at a safe point; the summary lists what was cancelled
 """

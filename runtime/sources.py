@@ -6,7 +6,7 @@ dataset's fallback dataset or stand-in; anything else missing is an error naming
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from google.api_core import exceptions as gexc
@@ -65,35 +65,73 @@ def settings_naming(source: SourceTable) -> str:
     return f"{dataset}, {source.table_setting.upper()}" if source.table_setting else dataset
 
 
-def check_sources(settings: Settings, clients: BigQueryClients, specs: Iterable[AssetSpec]) -> None:
-    """Raise SourcesMissing naming every source table the selection needs that is not there, or
-    lacks a column its asset cannot do without. One metadata call per table; optional tables
-    (stand-ins) may be missing. A transport error is a TransientError: the run retries reading."""
-    problems: list[str] = []
+@dataclass(frozen=True)
+class SourceCheck:
+    """What one source table of a selection looks like in the warehouse."""
+
+    spec: AssetSpec
+    source: SourceTable
+    label: str  # "dataset.table"
+    ok: bool
+    detail: str  # for a problem: what is wrong, starting with the table's full name
+    transient: bool = False  # BigQuery did not answer: nothing is known
+    hint: str = ""  # for an operator checking the setup: the other way out
+
+
+def inspect_sources(settings: Settings, clients: BigQueryClients, specs: Iterable[AssetSpec]) -> Iterator[SourceCheck]:
+    """Each source table the selection reads, once: there, missing, unreadable, or lacking a column
+    its asset cannot do without. One metadata call per table; optional tables (stand-ins) may be
+    missing. Shared by the command line's preflight and `--check`."""
     datasets: dict[str, bool] = {}
     seen: set[tuple[str, str]] = set()
     for spec in specs:
         for source in spec.sources:
             try:
                 place = resolve(source, settings, clients, datasets)
-                if place.stand_in or (place.dataset, place.table) in seen:
-                    continue
-                seen.add((place.dataset, place.table))
-                ref = f"{clients.project}.{place.dataset}.{place.table}"
+            except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
+                yield SourceCheck(spec, source, source.table, False, f"BigQuery did not answer ({type(exc).__name__})",
+                                  transient=True)
+                continue
+            if (place.dataset, place.table) in seen:
+                continue
+            seen.add((place.dataset, place.table))
+            label, ref = f"{place.dataset}.{place.table}", f"{clients.project}.{place.dataset}.{place.table}"
+            if place.stand_in:
+                yield SourceCheck(spec, source, label, True, place.note)
+                continue
+            try:
                 table = clients.rest.get_table(ref, retry=clients.retry, timeout=clients.timeout)
             except gexc.NotFound:
-                if not source.stand_in:
-                    problems.append(f"{spec.name}: source table {ref} does not exist "
-                                    f"({place.note + '; ' if place.note else ''}set {settings_naming(source)})")
+                if source.stand_in:
+                    yield SourceCheck(spec, source, label, True, f"does not exist: {source.raw_table} stays empty")
+                else:
+                    yield SourceCheck(spec, source, label, False, f"{ref} does not exist "
+                                      f"({place.note + '; ' if place.note else ''}set {settings_naming(source)})",
+                                      hint="or ask for read access")
                 continue
             except (gexc.Forbidden, gexc.Unauthorized):
-                problems.append(f"{spec.name}: source table {ref}: permission denied for these credentials")
+                yield SourceCheck(spec, source, label, False, f"{ref}: permission denied for these credentials")
                 continue
             except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
-                raise TransientError(f"BigQuery did not answer for source {source.table}: {type(exc).__name__}") from None
+                yield SourceCheck(spec, source, label, False, f"cannot read its metadata ({type(exc).__name__})",
+                                  transient=True)
+                continue
             required, _ = missing_columns(source, list(table.schema))
             if required:
-                problems.append(f"{spec.name}: source table {ref} lacks column(s) {', '.join(required)}, "
-                                f"which {spec.name} cannot do without")
+                yield SourceCheck(spec, source, label, False,
+                                  f"{ref} lacks column(s) {', '.join(required)}, which {spec.name} cannot do without")
+            else:
+                yield SourceCheck(spec, source, label, True, "exists" + (f" ({place.note})" if place.note else ""))
+
+
+def check_sources(settings: Settings, clients: BigQueryClients, specs: Iterable[AssetSpec]) -> None:
+    """Raise SourcesMissing naming every source table the selection needs that is not there (or
+    lacks a column its asset cannot do without); a TransientError when BigQuery did not answer."""
+    problems: list[str] = []
+    for check in inspect_sources(settings, clients, specs):
+        if check.transient:
+            raise TransientError(f"BigQuery did not answer for source {check.source.table}: {check.detail}")
+        if not check.ok:
+            problems.append(f"{check.spec.name}: source table {check.detail}")
     if problems:
         raise SourcesMissing("; ".join(problems) + " (narrow the selection with --asset to run the rest)")
