@@ -564,7 +564,8 @@ def plan(settings: Settings, graph: AssetGraph, out: TextIO, selection: Sequence
                             count = "?" if table.num_rows is None else str(table.num_rows)
                         except gexc.NotFound:
                             count = "missing"
-                            notes.append(f"{name}: source table {ref} does not exist: the asset would fail")
+                            notes.append(f"{name}: source table {ref} does not exist: `materialize` would stop"
+                                         " before any work (exit 2); a scheduled run fails this asset")
                         except Exception as exc:  # noqa: BLE001
                             raise CannotRead(f"BigQuery did not answer for {ref} ({type(exc).__name__})") from None
                     if place.note:
@@ -578,6 +579,9 @@ def plan(settings: Settings, graph: AssetGraph, out: TextIO, selection: Sequence
     out.write(f"the assets of one level run together, at most {settings.max_parallel} at a time (MAX_PARALLEL);"
               " an asset whose upstream fails is skipped\n")
     _table(out, ("level", "asset", "source table", "reads from (checkpoint)", "source rows"), rows)
+    if settings.late_row_window > 0 and not full_refresh:
+        out.write(f"each read past a checkpoint starts LATE_ROW_WINDOW ({settings.late_row_window:g} s) below it;"
+                  " rows already landed are dropped\n")
     for note in notes:
         out.write(note + "\n")
     out.write(f"the run lock is held ({holder}): a run started now would be skipped\n" if holder else

@@ -230,17 +230,20 @@ def test_plan_after_a_sync_shows_order_checkpoints_and_source_rows(synced):
     assert table[0][3] == details["checkpoints"]["gong__call"]
     assert int(table[0][4]) == synced.bq.get_table(synced.gong("call")).num_rows > 0
 
+    assert "each read past a checkpoint starts LATE_ROW_WINDOW (900 s) below it" in result.stdout
+
     full = materialize("--plan", "--asset", "calls", "--full-refresh", env_vars=synced.vars())
     assert full.returncode == 0
     assert "from the start (--full-refresh)" in full.stdout
+    assert "LATE_ROW_WINDOW" not in full.stdout
 
 
 def test_plan_names_a_missing_source_table(synced):
     synced.bq.delete_table(synced.gong("call_speaker"))
     result = materialize("--plan", "--asset", "speakers", env_vars=synced.vars())
     assert result.returncode == 0, result.stderr
-    assert f"speakers: source table prefect-data-warehouse.{synced.gong_dataset}.call_speaker does not exist" \
-        in result.stdout
+    assert (f"speakers: source table prefect-data-warehouse.{synced.gong_dataset}.call_speaker does not exist:"
+            " `materialize` would stop before any work (exit 2); a scheduled run fails this asset") in result.stdout
 
 
 # -- --check -----------------------------------------------------------------------------------
