@@ -115,7 +115,8 @@ def test_torture_random_kills_then_one_clean_run_is_in_step(seeded, subprocess_e
     started = time.monotonic()
     while kills < wanted:
         attempts += 1
-        assert attempts <= wanted * 2, ("too many runs ended before they could be killed", seed, journal)
+        # Runs of one small asset often end before their kill: a no-change run is ~1 s of work.
+        assert attempts <= wanted * 3, ("too many runs ended before they could be killed", seed, journal)
         kind = kinds[kills]
         args = {"full": ["--asset", CORE], "full-refresh": ["--asset", CORE, "--full-refresh"],
                 "incremental": ["--asset", rng.choice(SUBSETS)]}[kind]
@@ -133,7 +134,7 @@ def test_torture_random_kills_then_one_clean_run_is_in_step(seeded, subprocess_e
             else:
                 wait_until(lambda: "asset.start" in tail(log, 10**7) or process.poll() is not None, 120,  # noqa: B023
                            "a run to start its first asset")
-                delay = rng.uniform(0.0, 4.0)
+                delay = rng.uniform(0.0, 3.0)
                 moment = f"{delay:.2f}s into the work"
             try:
                 process.wait(delay)
