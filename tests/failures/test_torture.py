@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import signal
 import subprocess
 import time
 
@@ -24,7 +25,6 @@ from tests.failures.test_crash_safety import (
     assert_app_in_step,
     assert_checkpoints_at_the_data,
     assert_raw_mirrors_source,
-    kill,
     seeded,  # noqa: F401 - fixture
     tail,
     wait_for_lock_release,
@@ -99,6 +99,13 @@ class SourceChanges:
         return [self.rng.choice(kinds)() for _ in range(self.rng.randint(1, 3))]
 
 
+def killed(process: subprocess.Popen) -> bool:
+    """SIGKILL the run; False when it ended by itself in the instant before the signal (a run
+    exits at once after its summary, so the race is real): the caller counts it as ended first."""
+    process.send_signal(signal.SIGKILL)
+    return process.wait(30) == -signal.SIGKILL
+
+
 def test_torture_random_kills_then_one_clean_run_is_in_step(seeded, subprocess_env, tmp_path):  # noqa: F811
     env = seeded
     seed = int(os.environ.get("TORTURE_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -140,8 +147,7 @@ def test_torture_random_kills_then_one_clean_run_is_in_step(seeded, subprocess_e
                 process.wait(delay)
             except subprocess.TimeoutExpired:
                 pass
-            if process.poll() is None:
-                kill(process)
+            if process.poll() is None and killed(process):
                 kills += 1
                 journal.append(f"{attempts:02d} {kind:<12} {' '.join(args[1:]):<40} killed {moment}")
             else:
@@ -149,7 +155,7 @@ def test_torture_random_kills_then_one_clean_run_is_in_step(seeded, subprocess_e
                                + ("" if process.returncode == 0 else f": {tail(log, 600)!r}"))
         finally:
             if process.poll() is None:
-                kill(process)
+                killed(process)
         wait_for_lock_release(env)
     journal.append(f"   source, before the clean run: {'; '.join(changes.some())}")
     tortured = time.monotonic() - started
