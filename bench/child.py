@@ -38,10 +38,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from graph import Selection, default_graph
+    from runtime.cli import check_before_work
     from runtime.prefect_api import prefect_api_url
-    from runtime.session import check_app_tables, preflight
     from runtime.settings import load_settings
-    from runtime.sources import check_sources
 
     # As `materialize` decides: a Prefect flow run when an API is configured, else in-process.
     api = prefect_api_url()
@@ -54,10 +53,7 @@ def main(argv: list[str]) -> int:
     # The CLI's checks before any work: both systems, the selection's source tables, the app's tables.
     settings = load_settings()
     graph = default_graph().subgraph(Selection.parse([selection]).resolve_ordered(default_graph()))
-    _, _, clients = preflight(settings)
-    check_sources(settings, clients, [graph.spec(name) for name in graph.names])
-    clients.close()
-    check_app_tables(settings, graph)
+    check_before_work(settings, graph)
     if api:
         result = sync_flow(assets=[selection], return_state=True).result(raise_on_failure=False)
     else:
@@ -83,12 +79,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    if "prefect" not in sys.modules:  # as `materialize` exits (runtime.cli.entry): no teardown
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        import os
+    from runtime.cli import exit_process
 
-        os._exit(code)
-    sys.exit(code)
+    exit_process(main(sys.argv[1:]))  # as `materialize` exits: no teardown unless Prefect was imported

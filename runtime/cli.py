@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from assets.errors import SelectionError, SyncError, TransientError
 from graph import Selection, default_graph
@@ -115,9 +116,24 @@ def _check_sources(settings, graph) -> None:  # noqa: ANN001 - Settings, AssetGr
         clients.close()
 
 
+def check_before_work(settings, graph) -> None:  # noqa: ANN001 - Settings, AssetGraph (imported lazily)
+    """What a run from the command line checks before any work: both systems, the selection's
+    source tables, the app's tables. A setting to fix raises (exit 2); a system that did not
+    answer is a warning, since the run retries and alerts if it gives up."""
+    from runtime.session import check_app_tables
+
+    said: set[str] = set()
+    for check in (lambda: _check_sources(settings, graph), lambda: check_app_tables(settings, graph)):
+        try:
+            check()
+        except TransientError as exc:
+            if str(exc) not in said:  # Postgres down fails both checks the same way
+                said.add(str(exc))
+                logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
+
+
 def run(args: argparse.Namespace) -> int:
     from runtime.prefect_api import prefect_api_url
-    from runtime.session import check_app_tables
     from runtime.settings import load_settings
 
     selection = Selection.parse(args.asset or ["*"])
@@ -132,14 +148,7 @@ def run(args: argparse.Namespace) -> int:
     # assets whose tables are missing, with an alert: nobody is at the terminal to fix it.)
     settings = load_settings()
     graph = default_graph().subgraph(selection.resolve_ordered(default_graph()))
-    said: set[str] = set()
-    for check in (lambda: _check_sources(settings, graph), lambda: check_app_tables(settings, graph)):
-        try:
-            check()
-        except TransientError as exc:  # not a setting: the run retries, and alerts if it gives up
-            if str(exc) not in said:  # Postgres down fails both checks the same way
-                said.add(str(exc))
-                logging.getLogger("gong_sync").warning("%s; the run will retry", exc)
+    check_before_work(settings, graph)
     # Imported after the preflight: importing the runner installs tracing, and the preflight's
     # BigQuery calls would otherwise show up as a trace of their own.
     from observability.metrics import flush_metrics
@@ -281,7 +290,11 @@ def entry() -> None:
     by then (the summary, logs, spans and metrics); only Prefect's exit handlers still have work
     (its last logs and events to the API), so a process that imported Prefect exits normally.
     """
-    code = main()
+    exit_process(main())
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`, skipping the interpreter's teardown unless Prefect was imported (see `entry`)."""
     if "prefect" in sys.modules:
         sys.exit(code)
     if "observability.tracing" in sys.modules:  # a run that ended early may hold unsent spans
