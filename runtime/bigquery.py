@@ -234,9 +234,9 @@ class TableReader:
             # The stream object resumes at its offset when the connection drops mid-read.
             try:
                 for response in self.clients.storage.read_rows(stream.name, timeout=self.clients.read_timeout):
-                    batch = pa.ipc.read_record_batch(
-                        pa.py_buffer(response.arrow_record_batch.serialized_record_batch), schema
-                    )
+                    payload = response.arrow_record_batch.serialized_record_batch
+                    del response  # the message holds a second copy of the payload while it is read
+                    batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
                     self.stats.rows += batch.num_rows
                     self.stats.bytes += batch.nbytes
                     yield from _slices(batch)

@@ -20,17 +20,34 @@ os.environ.setdefault("DATA_WRITER__FILE_MAX_ITEMS", "100000")
 os.environ.setdefault("LOAD__WORKERS", "2")
 
 
-def _copy_row_group_by_row_group() -> None:
-    """dlt's ADBC loader hands `adbc_ingest` a generator, which turns a whole load file into one
-    Arrow table before its COPY: with 3 KB monologues a file of 100k rows was 300 MB in memory,
-    twice over with two load workers (a 200k-transcript landing peaked at 1.9 GB). dlt's own
-    switch COPYs one parquet row group at a time, in the same transaction: 0.9 GB peak, same speed."""
-    from dlt.destinations.impl.postgres.postgres import PostgresParquetCopyJob
+def _stream_load_files_into_copy() -> None:
+    """dlt's ADBC loader hands `adbc_ingest` a generator of a load file's batches, and ADBC turns
+    any generator into one Arrow table before its COPY: with 1-5 KB monologues a 100k-row file was
+    300 MB in memory, twice over with two load workers (a 200k-transcript landing peaked at 1.9 GB).
+    Given a RecordBatchReader, ADBC streams it batch by batch into the same one COPY. dlt's own
+    switch (one COPY per row group) bounds memory too, but each COPY issues a BEGIN inside the
+    open transaction: a server-log WARNING per row group."""
+    import itertools
+    import types
 
-    PostgresParquetCopyJob._ingest_per_rowgroup = True
+    import pyarrow as pa
+    from adbc_driver_manager import dbapi
+
+    ingest = dbapi.Cursor.adbc_ingest
+    if getattr(ingest, "streams_generators", False):
+        return
+
+    def adbc_ingest(self, table_name, data, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if isinstance(data, types.GeneratorType):
+            first = next(data, None)
+            data = [] if first is None else pa.RecordBatchReader.from_batches(first.schema, itertools.chain([first], data))
+        return ingest(self, table_name, data, *args, **kwargs)
+
+    adbc_ingest.streams_generators = True
+    dbapi.Cursor.adbc_ingest = adbc_ingest
 
 
-_copy_row_group_by_row_group()
+_stream_load_files_into_copy()
 
 
 def _parse_json_paths_once() -> None:
