@@ -228,6 +228,35 @@ def test_a_first_load_keeps_the_latest_of_a_key_the_source_holds_twice(seeded, c
     assert seeded.rows("SELECT title FROM calls WHERE gong_call_id = %s", (twice["id"],)) == [("Renamed",)]
 
 
+def test_a_large_read_message_is_landed_in_slices_with_every_row_once(seeded, monkeypatch):
+    # A server may send messages of hundreds of MB (the emulator: 50k monologues at once); each
+    # is cut into slices of about READ_SLICE_BYTES before anything copies it. Made small here so
+    # that this workspace's messages are cut too.
+    import pyarrow as pa
+
+    import runtime.bigquery as bq
+    from runtime.settings import load_settings
+
+    clients = bq.connect(load_settings())
+    try:
+        whole = pa.concat_tables(bq.TableReader(clients, seeded.gong_dataset, "transcript").read(None, "_fivetran_synced", None))
+        monkeypatch.setattr(bq, "READ_SLICE_BYTES", 2048)
+        reader = bq.TableReader(clients, seeded.gong_dataset, "transcript")
+        parts = list(reader.read(None, "_fivetran_synced", None))
+    finally:
+        clients.close()
+    assert len(parts) >= whole.nbytes // 2048 // 2, (len(parts), whole.nbytes)
+    assert reader.stats.rows == whole.num_rows == sum(p.num_rows for p in parts)
+    key = [("call_id", "ascending"), ("index", "ascending"), ("workspace_id", "ascending")]
+    assert pa.concat_tables(parts).sort_by(key).equals(whole.sort_by(key))
+
+    # And a sync that reads in slices lands every monologue once.
+    assert sync("users,calls,speakers,transcripts").status == "success"
+    live_rows = {(r["call_id"], r["index"], r["workspace_id"]) for r in live(source(seeded, "transcript"))}
+    assert seeded.rows("SELECT count(*), count(DISTINCT (call_id, index, workspace_id)) FROM gong_raw.gong__transcript"
+                       " WHERE NOT coalesce(_fivetran_deleted, false)") == [(len(live_rows), len(live_rows))]
+
+
 def test_selecting_speakers_touches_only_speakers(seeded):
     sync(CORE)
     update_rows(seeded.bq, seeded.gong("call"), {"id": CASES.shared_call_id}, {"title": "Not yet"}, LATER)
