@@ -9,8 +9,10 @@ provider exists, each under the span current where it starts; ours fit in betwee
           asset.materialize          rows read/loaded/written/dead-lettered, bytes, cursors, status, error
             asset.land               (the BigQuery client's own spans), asset.schema per source
                                      table, asset.dead_letters per rejected batch
+            asset.wait_upstream      an asset with upstream lands first, then waits here for them
             asset.build              asset.secure_raw, then asset.build_table (with its checks)
-        asset.materialize            a skipped asset: no task ran, the span says why
+        asset.materialize            a skipped asset: no task ran, the span says why (one whose
+                                     upstream failed while it landed ends under its task, skipped)
 
 With no exporter configured nothing is installed and the runtime gets no tracing hook at all.
 """

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from assets.errors import Cancelled, PermanentError, SyncError
+from assets.errors import Cancelled, PermanentError, SyncError, UpstreamFailed
 from assets.spec import AssetSpec, SourceTable
 from graph import AssetGraph
 from observability.events import AssetOutcome, RunInfo
@@ -41,6 +41,34 @@ from runtime.settings import Settings
 
 log = logging.getLogger("gong_sync.materialize")
 
+#: Seconds between looks at the operator's cancel while an asset waits for its upstream.
+_WAIT_TICK_S = 0.2
+
+
+class Finishes:
+    """How each asset of a run ended, for the assets that wait on it.
+
+    An asset lands its own source tables while its upstream still runs (landing reads nothing of
+    theirs) and waits here only before its build, which joins their tables: on a full sync the
+    transcripts' read overlaps the calls' and speakers' builds instead of following them.
+    """
+
+    def __init__(self) -> None:
+        self._ended: dict[str, str] = {}
+        self._changed = threading.Condition()
+
+    def record(self, asset: str, status: str) -> None:
+        with self._changed:
+            self._ended.setdefault(asset, status)
+            self._changed.notify_all()
+
+    def wait(self, assets: list[str], cancel: threading.Event) -> list[str]:
+        """Block until every one of `assets` ended (or the run is cancelled); those that did not succeed."""
+        with self._changed:
+            while not cancel.is_set() and any(a not in self._ended for a in assets):
+                self._changed.wait(_WAIT_TICK_S)
+            return [a for a in assets if self._ended.get(a, "success") != "success"]
+
 
 @dataclass
 class RunContext:
@@ -64,6 +92,7 @@ class RunContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: Progress | None = None
     outcomes: dict[str, AssetOutcome] = field(default_factory=dict)
+    finishes: Finishes = field(default_factory=Finishes)
 
 
 def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
@@ -101,6 +130,14 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
             with ctx.hooks.step(ctx.run, spec.name, "reconcile"):
                 outcome.rows_reconciled = with_retries(ctx.settings, f"{spec.name}: reconcile",
                                                        lambda: _reconcile(ctx, spec, landed))
+        upstream = ctx.graph.upstream(spec.name)
+        if upstream:
+            outcome.step = "wait_upstream"
+            with ctx.hooks.step(ctx.run, spec.name, "wait_upstream", assets=upstream):
+                blocked = ctx.finishes.wait(upstream, ctx.cancel)
+            if blocked and not ctx.cancel.is_set():
+                raise UpstreamFailed(f"upstream failed: {', '.join(blocked)}; its own rows were landed and are "
+                                     "built by the next run")
         outcome.step = "build"
         _safe_point(ctx)
         with ctx.hooks.step(ctx.run, spec.name, "build"):
@@ -113,14 +150,16 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
         outcome.step = None
     except SyncError as exc:
         error = exc
-        outcome.status = "cancelled" if isinstance(exc, Cancelled) else "failed"
+        outcome.status = ("cancelled" if isinstance(exc, Cancelled) else "skipped" if isinstance(exc, UpstreamFailed)
+                          else "failed")
         outcome.error = str(exc)
         outcome.error_type = type(exc).__name__
     outcome.duration_s = time.perf_counter() - started
     ctx.outcomes[spec.name] = outcome
-    if error is not None:
+    if outcome.status == "failed" or outcome.status == "cancelled":
         _log_failure(ctx, outcome)
-    _record_status(ctx, outcome)
+    if outcome.status != "skipped":  # a skipped asset built nothing: its sync_status stays as it was
+        _record_status(ctx, outcome)
     ctx.hooks.asset_finished(ctx.run, outcome, error)
     if error is not None:
         raise error

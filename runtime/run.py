@@ -35,6 +35,9 @@ from runtime.session import RunLockHeld, last_success, open_session, verify_lock
 from runtime.settings import Settings, load_settings
 
 
+#: How an upstream asset may end that skips what depends on it.
+_ENDED_BADLY = ("failed", "skipped", "cancelled")
+
 #: Set by the CLI's Ctrl-C / SIGTERM handler: the run in this process stops at its next safe point.
 STOP = threading.Event()
 
@@ -109,7 +112,10 @@ class LocalExecutor:
 
 
 def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[AssetOutcome]:
-    """Submit each asset once all its upstream succeeded, at most MAX_PARALLEL at a time.
+    """Submit each asset once all its upstream succeeded or runs, at most MAX_PARALLEL at a time.
+
+    An asset submitted while its upstream runs lands its own sources and waits for them before
+    its build (`Finishes`); an upstream submitted first never waits on it, so nothing deadlocks.
 
     Once the run is cancelled (Ctrl-C, SIGTERM) or its lock is lost, nothing new starts: what
     waits is `cancelled` or `skipped`, and the running assets stop at their next safe point.
@@ -133,27 +139,34 @@ def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[As
                 ctx.outcomes[name] = outcome
                 status[name] = "skipped"
                 ctx.hooks.asset_finished(ctx.run, outcome, None)
-            elif any(status.get(u) in ("failed", "skipped") for u in upstream):
+            elif any(status.get(u) in _ENDED_BADLY for u in upstream):
                 waiting.remove(name)
-                blocked = [u for u in upstream if status.get(u) in ("failed", "skipped")]
+                blocked = [u for u in upstream if status.get(u) in _ENDED_BADLY]
                 outcome = AssetOutcome(asset=name, status="skipped", error=f"upstream failed: {', '.join(blocked)}")
                 ctx.outcomes[name] = outcome
                 status[name] = "skipped"
                 ctx.hooks.asset_finished(ctx.run, outcome, UpstreamFailed(outcome.error))
-            elif all(status.get(u) == "success" for u in upstream) and len(running) < ctx.settings.max_parallel:
+            elif (all(status.get(u) == "success" or u in running.values() for u in upstream)
+                  and len(running) < ctx.settings.max_parallel):
                 waiting.remove(name)
                 running[executor.submit(name, ctx)] = name
+            if name in status:
+                ctx.finishes.record(name, status[name])
         if not running:
             continue
         done = executor.wait_any(list(running))
         name = running.pop(done)
         failure = executor.failure(done)
-        status[name] = "success" if failure is None else "failed"
-        if ctx.outcomes.get(name) and ctx.outcomes[name].error_type == "RunLockLost":
-            stopped = f"not started: {ctx.outcomes[name].error}"
         if name not in ctx.outcomes:  # the task died before it could report
             ctx.outcomes[name] = AssetOutcome(asset=name, status="failed", error=failure)
             ctx.hooks.asset_finished(ctx.run, ctx.outcomes[name], None)
+        # The outcome says how it ended (a skipped asset raised too); a task that failed after
+        # reporting success counts as failed.
+        ended = ctx.outcomes[name].status
+        status[name] = "failed" if failure is not None and ended == "success" else ended
+        ctx.finishes.record(name, status[name])
+        if ctx.outcomes[name].error_type == "RunLockLost":
+            stopped = f"not started: {ctx.outcomes[name].error}"
     return [ctx.outcomes[n] for n in graph.names]
 
 

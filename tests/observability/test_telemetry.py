@@ -219,7 +219,7 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
                    salesforce_dataset=env.salesforce_dataset, calls=12)
     with app_holds_lock(env, "calls"):  # the calls build gives up after LOCK_TIMEOUT
         result = materialize("--asset", "users,calls,transcripts,speakers,+emails",
-                             environ=cli_env(env, receiver, LOCK_TIMEOUT="1"))
+                             environ=cli_env(env, receiver, LOCK_TIMEOUT="1", MAX_PARALLEL="8"))
     assert result.returncode == 1, result.stderr[-3000:]
     trace_id = printed_trace_id(result.stdout)
     assert receiver.wait_for(lambda: any(s.name == "sync.run" for s in receiver.spans()))
@@ -240,12 +240,19 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
     task = one(s for s in spans if s.span_id == calls.parent_id)
     assert task.name == "asset-calls" and task.status_code == 2
 
-    # Speakers wait for calls; transcripts for calls and speakers.
-    for name, blocked in (("speakers", "calls"), ("transcripts", "calls, speakers")):
+    # Speakers wait for calls; transcripts for calls and speakers. With a slot for every asset,
+    # both start at once: they land their own rows while calls runs, wait for it, build nothing.
+    for name, raw in (("speakers", "gong__call_speaker"), ("transcripts", "gong__transcript")):
         skipped = one(s for s in spans if s.name == "asset.materialize" and s.attributes["asset.name"] == name)
-        assert skipped.parent_id == run.span_id  # no task ran for it
         assert skipped.attributes["asset.status"] == "skipped"
-        assert skipped.attributes["asset.skip_reason"] == f"upstream failed: {blocked}"
+        reason = skipped.attributes["asset.skip_reason"]
+        assert reason.startswith("upstream failed: calls"), reason
+        assert reason.endswith("; its own rows were landed and are built by the next run"), reason
+        assert skipped.parent_id != run.span_id  # its task ran
+        steps = {s.name for s in spans if s.parent_id == skipped.span_id}
+        assert {"asset.land", "asset.wait_upstream"} <= steps and "asset.build" not in steps, steps
+        assert env.rows(f"SELECT count(*) FROM {name}") == [(0,)]
+        assert env.rows(f"SELECT count(*) > 0 FROM gong_raw.{raw}") == [(True,)]
     for name in ("users", "opportunities", "emails"):
         ok = one(s for s in spans if s.name == "asset.materialize" and s.attributes["asset.name"] == name)
         assert ok.status_code != 2 and ok.attributes["asset.status"] == "success"
