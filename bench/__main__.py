@@ -25,6 +25,7 @@ from bench.machine import machine_facts  # noqa: E402
 from bench.report import memory_growth, summarize, table  # noqa: E402
 from bench.run import SELECTION, run_size  # noqa: E402
 from bench.world import World  # noqa: E402
+from runtime.local.synthetic import MONOLOGUE_BYTES_MIN_SPREAD  # noqa: E402
 
 
 def _sizes(text: str) -> list[int]:
@@ -37,11 +38,29 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _monologue_bytes(text: str) -> tuple[int, int] | None:
+    if text.strip().lower() == "short":
+        return None
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high)) if sep else None
+    except ValueError:
+        bounds = None
+    if bounds is None or bounds[0] < 0 or bounds[1] - bounds[0] < MONOLOGUE_BYTES_MIN_SPREAD:
+        raise argparse.ArgumentTypeError(
+            f"--monologue-bytes takes LOW-HIGH with HIGH - LOW >= {MONOLOGUE_BYTES_MIN_SPREAD} (1000-5000), "
+            "or 'short' for the demo's one-line monologues")
+    return bounds
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=_sizes, default=[1_000_000], metavar="N[,N...]",
                    help="transcript rows to seed; several sizes (200000,1000000) also check memory growth "
                         "(default: %(default)s)")
+    p.add_argument("--monologue-bytes", type=_monologue_bytes, default=(1000, 5000), metavar="LOW-HIGH",
+                   help="each transcript monologue's text size in bytes, as real calls have them, or 'short' "
+                        "(default: 1000-5000)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per size; medians are reported (default: 3)")
     p.add_argument("--baseline-rows", type=int, default=50_000,
                    help="rows the plain REST + dlt baseline moves; its rows/s is extrapolated (default: 50000)")
@@ -64,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         with World(work, database_url=os.environ.get("DATABASE_URL")) as world:
             sizes = []
             for rows in args.rows:
-                size = run_size(world, rows, args.repeat, args.baseline_rows, work / f"rows-{rows}")
+                size = run_size(world, rows, args.repeat, args.baseline_rows, work / f"rows-{rows}",
+                                args.monologue_bytes)
                 size["summary"] = summarize(size)
                 sizes.append(size)
                 print(table(size) + "\n", flush=True)
@@ -77,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_facts(postgres),
         "settings": {
             "repeat": args.repeat, "baseline_rows": args.baseline_rows, "selection": SELECTION,
+            "monologue_bytes": list(args.monologue_bytes) if args.monologue_bytes else "short",
             "postgres": "DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded",
             "prefect": "a local Prefect server, as a deployment's worker has",
         },

@@ -1,4 +1,4 @@
-"""The four measurements: the raw COPY limit, the source alone, the plain baseline, this project."""
+"""The measurements: the raw COPY limits, the source alone, the plain baseline, this project."""
 
 from __future__ import annotations
 
@@ -6,14 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pyarrow as pa
+from psycopg import sql
 
 from bench.world import World
+from assets.app_schema import TABLES as APP_TABLES
 from runtime.bigquery import BigQueryClients, TableReader, connect
+from runtime.contract import create_app_schema
+from runtime.postgres import Catalog
 from runtime.settings import load_settings
 
 #: A sync that takes longer than this has hung (a million rows take about a minute here).
@@ -55,6 +61,45 @@ def copy_limit(url: str, tables: dict[str, pa.Table]) -> float:
                 cur.adbc_ingest(label.replace(".", "__"), table, mode="create", db_schema_name="bench_copy")
         conn.commit()
         return time.perf_counter() - started
+
+
+def destination_copy_limit(world: World, sync_url: str) -> float:
+    """Seconds to write what the sync wrote to the application's tables, with one binary COPY per
+    table, into a fresh database with the app's schema (its keys, foreign keys, indexes and
+    triggers, as the app deploys it), on one connection.
+
+    The same destination rows into the same tables: the transcripts' full-text trigger runs for
+    each row as it does for the sync, so what the app's schema costs is in both sides of the ratio.
+    """
+    catalog = Catalog(load_settings())
+    dumps: dict[str, tempfile._TemporaryFileWrapper] = {}
+    try:
+        with psycopg.connect(sync_url) as conn:
+            for table in APP_TABLES:  # in the order the foreign keys allow
+                dumps[table] = tempfile.TemporaryFile()
+                query = sql.SQL("COPY {} TO STDOUT (FORMAT binary)").format(catalog.dest_table(table))
+                with conn.cursor().copy(query) as copy:
+                    for chunk in copy:
+                        dumps[table].write(chunk)
+        with world.database("copy_app") as url, psycopg.connect(url) as conn:
+            create_app_schema(conn, catalog)
+            conn.commit()
+            started = time.perf_counter()
+            for table, dump in dumps.items():
+                dump.seek(0)
+                query = sql.SQL("COPY {} FROM STDIN (FORMAT binary)").format(catalog.dest_table(table))
+                with conn.cursor().copy(query) as copy:
+                    while chunk := dump.read(_COPY_CHUNK):
+                        copy.write(chunk)
+            conn.commit()
+            return time.perf_counter() - started
+    finally:
+        for dump in dumps.values():
+            dump.close()
+
+
+#: Bytes per write of the destination COPY.
+_COPY_CHUNK = 1 << 20
 
 
 def source_read(world: World) -> tuple[float, int]:

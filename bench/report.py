@@ -26,7 +26,10 @@ def _met(value: float, comparison: str, bound: float) -> bool:
 def summarize(size: dict) -> dict:
     """The medians of one size's samples, its rows/s, the ratios and whether each target is met."""
     samples, rows = size["samples"], size["rows"]
-    copy_s = median(samples, "copy_s")
+    # The limit: the sync's own app rows by binary COPY into the app's schema (its trigger and
+    # indexes included). Samples from before it was measured fall back to the source-row COPY.
+    source_copy_s = median(samples, "copy_s")
+    copy_s = median(samples, "copy_app_s") if all("copy_app_s" in s for s in samples) else source_copy_s
     source_s = median(samples, "source_s")
     # Extrapolated: the baseline moves a subset of the rows (REST paging is slow).
     baseline_rate = statistics.median(
@@ -41,7 +44,7 @@ def summarize(size: dict) -> dict:
     peak = max(max(s[k]["peak_rss_mb"] for k in ("full", "incremental", "no_change")) for s in samples)
     full_rate = rows / full_s
     values = {
-        "full_vs_copy": full_rate / (rows / copy_s),
+        "full_vs_copy": copy_s / full_s,
         "full_vs_baseline": full_rate / baseline_rate,
         "incremental_vs_full": incremental_s / full_s,
         "no_change_wall_s": statistics.median(in_process) if in_process else no_change_s,
@@ -51,6 +54,7 @@ def summarize(size: dict) -> dict:
         "rows": rows,
         "rows_per_s": {
             "copy_limit": rows / copy_s,
+            "source_copy": rows / source_copy_s,
             "source_read": rows / source_s,
             "baseline": baseline_rate,
             "sync_full": full_rate,
@@ -58,6 +62,7 @@ def summarize(size: dict) -> dict:
         },
         "seconds": {
             "copy_limit": copy_s,
+            "source_copy": source_copy_s,
             "source_read": source_s,
             "baseline_subset": median(samples, "baseline", "query_s") + median(samples, "baseline", "load_s"),
             "sync_full": full_s,
@@ -77,6 +82,7 @@ def summarize(size: dict) -> dict:
         "peak_rss_mb": {k: max(s[k]["peak_rss_mb"] for s in samples) for k in ("full", "incremental", "no_change")},
         "ratios": {
             "full_vs_copy": values["full_vs_copy"],
+            "full_vs_source_copy": source_copy_s / full_s,
             "full_vs_baseline": values["full_vs_baseline"],
             "incremental_vs_full": values["incremental_vs_full"],
             "incremental_vs_full_in_process": incremental_run_s / full_run_s,
@@ -124,7 +130,8 @@ def table(size: dict) -> str:
         "",
         "| measurement | seconds | rows/s | × raw COPY |",
         "|---|---:|---:|---:|",
-        f"| raw binary COPY from Arrow in memory (the limit) | {sec['copy_limit']:.1f} | {copy:,.0f} | 1.00 |",
+        f"| binary COPY of the sync's app rows into the app's schema (the limit) | {sec['copy_limit']:.1f} | {copy:,.0f} | 1.00 |",
+        f"| binary COPY of the source rows from Arrow into plain tables (no keys, no triggers) | {sec['source_copy']:.1f} | {rate['source_copy']:,.0f} | {rate['source_copy'] / copy:.2f} |",
         f"| Storage Read API alone (the source) | {sec['source_read']:.1f} | {rate['source_read']:,.0f} | {rate['source_read'] / copy:.2f} |",
         f"| REST query + dlt defaults (baseline, {s['baseline_rows']:,}-row subset) | {sec['baseline_subset']:.1f} | {rate['baseline']:,.0f} | {rate['baseline'] / copy:.3f} |",
         f"| this project, full sync (whole process) | {sec['sync_full']:.1f} | {rate['sync_full']:,.0f} | {rate['sync_full'] / copy:.2f} |",

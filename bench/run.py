@@ -9,7 +9,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.measures import SyncRun, copy_limit, plain_baseline, project_sync, read_tables, source_read
+from bench.measures import SyncRun, copy_limit, destination_copy_limit, plain_baseline, project_sync, read_tables, source_read
 from bench.world import World
 
 log = logging.getLogger("bench")
@@ -59,6 +59,8 @@ def repetition(world: World, number: int, baseline_fraction: float, work: Path, 
         # What reached the application's tables (a sync that wrote nothing there measures nothing).
         sample["app_rows"] = world.app_rows(url)
         log.info("  app tables: %s", ", ".join(f"{t} {n}" for t, n in sample["app_rows"].items()))
+        sample["copy_app_s"] = destination_copy_limit(world, url)
+        log.info("  the same app rows by binary COPY into the app's schema %.2f s", sample["copy_app_s"])
         sample["changed_rows"] = world.change_one_percent(number + 1)
         world.restart_emulator()
         incremental = project_sync(world.sync_env(url, runs / "pipelines"), SELECTION, runs, "incremental")
@@ -94,9 +96,10 @@ def median(samples: list[dict], *path: str) -> float:
     return statistics.median(values)
 
 
-def run_size(world: World, rows: int, repeat: int, baseline_rows: int, work: Path) -> dict[str, object]:
+def run_size(world: World, rows: int, repeat: int, baseline_rows: int, work: Path,
+             monologue_bytes: tuple[int, int] | None = None) -> dict[str, object]:
     """Seed about `rows` transcript rows and measure `repeat` times; medians plus every sample."""
-    counts = world.seed(rows)
+    counts = world.seed(rows, monologue_bytes)
     total = sum(counts.values())
     log.info("seeded %d rows (%s)", total, ", ".join(f"{t} {n}" for t, n in counts.items()))
     fraction = min(1.0, baseline_rows / total)

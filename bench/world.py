@@ -145,11 +145,15 @@ class World:
         self.emulator.stop()
         self.emulator.start()
 
-    def seed(self, rows: int) -> dict[str, int]:
-        """About `rows` transcript rows with their calls, speakers and users; the rest small."""
+    def seed(self, rows: int, monologue_bytes: tuple[int, int] | None = None) -> dict[str, int]:
+        """About `rows` transcript rows with their calls, speakers and users; the rest small.
+
+        `monologue_bytes=(low, high)`: each monologue's text size (None: the demo's short ones).
+        """
         client = self.client()
         names = dict(project=self.project, gong_dataset=self.gong_dataset, salesforce_dataset=self.salesforce_dataset)
-        counts = seed_workspace(client, **names, calls=calls_for(rows), tables=SCALED_TABLES)
+        counts = seed_workspace(client, **names, calls=calls_for(rows), tables=SCALED_TABLES,
+                                monologue_bytes=monologue_bytes)
         others = [table_label(k) for k in SOURCE_SCHEMAS if table_label(k) not in SCALED_TABLES]
         counts.update(seed_workspace(client, **names, calls=SMALL_CALLS, tables=others))
         client.close()
