@@ -18,16 +18,27 @@ CALL = SourceTable(
 #: Source fields that have a column of their own in the app row; every other field goes to
 #: `metadata`, so a new Gong column reaches the app with no DDL.
 OWN_COLUMNS = ("id", "title", "scheduled", "purpose", "url")
-#: Raw columns that are bookkeeping, not Gong's data.
 
-# The live winner per Gong id, with its whole raw row as JSON: optional columns (which vary by
-# account and connector version) read as NULL when the table lacks them.
-_WINNERS = """
+
+def _winners(*, changed_only: bool) -> str:
+    """The live winner per Gong id, with its whole raw row as JSON: optional columns (which vary
+    by account and connector version) read as NULL when the table lacks them. `changed_only`: an
+    incremental build picks the winners of the changed ids only (by the raw table's key)."""
+    # Not `{full} OR c.id IN …`: an IN under an OR is checked row by row over the whole table;
+    # alone it is a join, and the `WHERE false` branch of an incremental build is planned away.
+    only = ("AND c.id IN (SELECT k.gong_call_id FROM {changed} k UNION ALL SELECT a.id FROM {call} a WHERE {full})"
+            if changed_only else "")
+    return f"""
     SELECT DISTINCT ON (c.id) c.*, to_jsonb(c) AS j
-    FROM {call} c
-    WHERE NOT coalesce(c._fivetran_deleted, false)
+    FROM {{call}} c
+    WHERE NOT coalesce(c._fivetran_deleted, false) {only}
     ORDER BY c.id, c._fivetran_synced DESC NULLS LAST, c.workspace_id
 """
+
+
+_WINNERS = _winners(changed_only=True)
+# Dead letters are compared against every two-workspace call, changed or not.
+_ALL_WINNERS = _winners(changed_only=False)
 
 # The columns of `reads` exist in the raw table (as NULL when the source lacks them), so they are
 # read by name; every other field comes from the row's JSON. `duration` is seconds; a source that
@@ -66,7 +77,7 @@ BUILD = Build(
                to_jsonb(c) - '_dlt_load_id' - '_dlt_id' - '_gs_seq',
                'call id ' || c.id || ' is also in workspace ' || w.workspace_id
                    || ', whose row is newer by _fivetran_synced; the app keys calls by Gong id alone'
-        FROM {call} c JOIN (""" + _WINNERS + """) w ON w.id = c.id AND w.workspace_id <> c.workspace_id
+        FROM {call} c JOIN (""" + _ALL_WINNERS + """) w ON w.id = c.id AND w.workspace_id <> c.workspace_id
         WHERE NOT coalesce(c._fivetran_deleted, false)
     """,
 )

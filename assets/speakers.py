@@ -82,14 +82,16 @@ BUILD = Build(
         JOIN {ids_speakers} m ON m.gong_call_id = g.gong_call_id AND m.gong_speaker_id = g.gong_speaker_id
     """,
     after=(
-        # prefect_reps: sorted distinct names of the call's company-side speakers.
+        # prefect_reps: sorted distinct names of the call's company-side speakers; of every call
+        # on a full build, else of the changed ones (fetched by key: the IN is a join).
         """
         UPDATE {app_calls} c SET prefect_reps = r.names
         FROM (
             SELECT c.id, coalesce(array_agg(DISTINCT s.name ORDER BY s.name) FILTER (WHERE s.company_side),
                                   ARRAY[]::varchar[]) AS names
             FROM {app_calls} c LEFT JOIN {app_speakers} s ON s.call_id = c.id
-            WHERE {full} OR c.gong_call_id IN (SELECT gong_call_id FROM {changed})
+            WHERE c.gong_call_id IN (SELECT k.gong_call_id FROM {changed} k
+                                     UNION ALL SELECT a.gong_call_id FROM {app_calls} a WHERE {full})
             GROUP BY c.id
         ) r
         WHERE r.id = c.id AND c.prefect_reps IS DISTINCT FROM r.names

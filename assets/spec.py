@@ -14,7 +14,7 @@ quoted identifiers and parameter placeholders (`psycopg.sql`); nothing else is p
 | `{fn_uuid}`, `{fn_try_date}`, … | the pipeline's SQL functions (`FUNCTIONS`) |
 | `{setting_internal_email_domains}` | a parameter holding that setting's value |
 | `{rows}`, `{changed}`, `{gone}` | this build's rows, changed source keys, and source keys gone |
-| `{full}` | a boolean parameter: true when every row is being rebuilt |
+| `{full}` | a boolean literal: true when every row is being rebuilt (`{changed}` is then filled after the rows) |
 """
 
 from __future__ import annotations

@@ -65,8 +65,10 @@ class BuildSql:
     params: dict[str, object]
 
     def __call__(self, text: str) -> sql.Composed:
+        # `full` is a literal, not a parameter: the planner folds `false OR key IN (…changed…)`
+        # to the key lookup only when it sees the value (as a parameter it planned a scan).
         slots: dict[str, sql.Composable] = {"rows": ROWS, "changed": CHANGED, "gone": GONE,
-                                            "full": sql.Placeholder("full")}
+                                            "full": sql.Literal(bool(self.params.get("full")))}
         for source in self.spec.build.inputs:
             raw = self.catalog.raw_table(source.raw_table)
             slots[source.slot_name] = raw
@@ -170,9 +172,9 @@ def build_asset(
             empty = result.full and not conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(app)).fetchone()[0]
             if empty and not spec.id_map and not spec.build.checks:
                 # First build into an empty table: one INSERT … SELECT, no staging copy, nothing to
-                # compare or delete.
-                result.upserted = _insert(conn, spec, app, build, build(spec.build.rows))
+                # compare or delete. `{changed}` exists (empty) for SQL that names it beside `{full}`.
                 _stage_changed(conn, spec, build, none=True)
+                result.upserted = _insert(conn, spec, app, build, build(spec.build.rows))
             else:
                 _stage_rows(conn, spec, build, full=result.full)
                 result.checks = _run_checks(conn, spec, build)
@@ -248,12 +250,12 @@ def _stage_rows(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *, f
     guesses their sizes from nothing, and the statements that read them plan on a guess."""
     rows = build(spec.build.rows)
     if full:
+        # Every key is rebuilt; `{changed}` (every key built) is filled after the rows, and exists
+        # before them for SQL that names it beside `{full}` (`{full} OR key IN {changed}`).
+        _stage_changed(conn, spec, build, none=True)
         build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS {}").format(ROWS, rows))
-        conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT DISTINCT {} FROM {}").format(
-                CHANGED, _names(spec.source_key), ROWS
-            )
-        )
+        conn.execute(sql.SQL("INSERT INTO {} SELECT DISTINCT {} FROM {}").format(CHANGED, _names(spec.source_key), ROWS))
+        conn.execute(sql.SQL("ANALYZE {}").format(CHANGED))
     else:
         _stage_changed(conn, spec, build)
         build.run(conn, sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT r.* FROM ({}) r JOIN {} USING ({})").format(

@@ -21,6 +21,9 @@ import psycopg
 from google.cloud import bigquery
 from psycopg import sql
 
+from assets.calls import ASSET as CALLS_ASSET
+from assets.spec import AssetSpec
+from assets.speakers import ASSET as SPEAKERS
 from assets.transcripts import ASSET as TRANSCRIPTS
 from graph import Selection, default_graph
 from observability.events import RunInfo
@@ -128,12 +131,26 @@ def _materialize(selection: str) -> dict[str, str]:
         return {name: materialize_asset(subgraph.spec(name), ctx).status for name in subgraph.names}
 
 
-def _watermark_params(since: dict) -> dict[str, object]:
+def _watermark_params(since: dict, spec: AssetSpec = TRANSCRIPTS) -> dict[str, object]:
     """The `{x_new}` parameters `build_asset` takes from the asset's watermark: the load order
     (a Postgres sequence) each raw table was built through, kept under "order"."""
     order = since.get("order")
     assert isinstance(order, dict), f"an incremental build's watermark holds the raw tables' load order: {since}"
-    return {f"w_{s.slot_name}": int(order.get(s.raw_table, 0)) for s in TRANSCRIPTS.build.inputs}
+    return {f"w_{s.slot_name}": int(order.get(s.raw_table, 0)) for s in spec.build.inputs}
+
+
+def _incremental_build(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec) -> BuildSql:
+    """What build_asset sets up for an incremental build of `spec`: its parameters and `{changed}`."""
+    settings = load_settings()
+    since = conn.execute(
+        sql.SQL("SELECT loaded_through FROM {} WHERE asset = %s").format(catalog.watermarks), (spec.name,)
+    ).fetchone()[0]
+    params = _watermark_params(since, spec)
+    params.update({f"s_{s}": list(v) if isinstance(v := getattr(settings, s), tuple) else v for s in spec.settings})
+    params["full"] = False
+    build = BuildSql(catalog, spec, params)
+    _stage_changed(conn, spec, build)
+    return build
 
 
 def _plan(conn: psycopg.Connection, build: BuildSql, query: sql.Composable) -> str:
@@ -144,6 +161,25 @@ def _scans(plan: str, table: str) -> list[str]:
     """The plan's lines that read `table` (by any access method), without the cost figures."""
     return [line.split("  (")[0].strip().removeprefix("->").strip() for line in plan.splitlines()
             if re.search(rf"Scan.* on {re.escape(table)}\b", line)]
+
+
+def _unkeyed(plan: str, table: str) -> list[str]:
+    """The plan's reads of `table` that take no key: a Seq Scan, or an index scan with no Index
+    Cond (a walk of the whole index in key order, which reads every row as surely)."""
+    lines = plan.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if not re.search(rf"Scan.* on {re.escape(table)}\b", line):
+            continue
+        depth = len(line) - len(line.lstrip())
+        details = []
+        for below in lines[i + 1:]:
+            if len(below) - len(below.lstrip()) <= depth or below.lstrip().startswith("->"):
+                break
+            details.append(below.strip())
+        if not any(d.startswith(("Index Cond:", "Recheck Cond:")) for d in details):
+            found.append(line.split("  (")[0].strip().removeprefix("->").strip())
+    return found
 
 
 def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(env) -> None:
@@ -215,3 +251,50 @@ def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(e
             assert not any("Seq Scan" in s for s in scans), f"{what}: a scan of all of {table}\n{plan}"
         assert any("Index" in s for s in _scans(plan, app)), f"{what}: {app} is not read by index\n{plan}"
     assert any("Index" in s for s in _scans(built, raw)), f"building reads {raw} not by index\n{built}"
+
+
+def test_incremental_calls_and_speakers_builds_fetch_changed_rows_by_key(env) -> None:
+    # After a large full sync, 0.5% of the calls and the speakers of another 0.5% change. Building
+    # their app rows, and bringing the changed calls' prefect_reps up to date, must fetch them by
+    # key: the calls' winner per Gong id was once picked over every raw call, and prefect_reps
+    # recomputed from every app speaker, on each run.
+    seed_workspace(env.bq, project=env.emulator.project, gong_dataset=env.gong_dataset, calls=CALLS,
+                   tables=["gong.users", "gong.call", "gong.call_speaker"])
+    assert _materialize("+speakers") == {"calls": "success", "users": "success", "speakers": "success"}
+    settings = load_settings()
+    catalog = Catalog(settings)
+    with env.connect() as conn:
+        conn.execute("ANALYZE")  # as autovacuum does after a large first sync
+        speakers_total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(catalog.dest_table("speakers"))).fetchone()[0]
+    assert speakers_total > 30_000
+
+    synced = bigquery.ScalarQueryParameter("synced", "TIMESTAMP", dt.datetime.now(dt.UTC))
+    for table, change in (("call", "title = 'Renamed' WHERE MOD(CAST(id AS INT64), 200) = 7"),
+                          ("call_speaker", "talk_time = talk_time + 1 WHERE MOD(CAST(call_id AS INT64), 200) = 11")):
+        env.bq.query(f"UPDATE `{env.gong(table)}` SET {change.replace(' WHERE', ', _fivetran_synced = @synced WHERE')}",
+                     job_config=bigquery.QueryJobConfig(query_parameters=[synced])).result()
+    clients = connect(settings)
+    try:
+        for spec in (CALLS_ASSET, SPEAKERS):
+            landed = land(spec, settings, clients, env.database_url)
+            assert 0 < sum(landed.rows_loaded.values()) < CALLS / 100 * 4
+    finally:
+        clients.close()
+
+    large = {CALLS_ASSET.name: ["gong__call", "calls"], SPEAKERS.name: ["gong__call_speaker", "speakers", "calls"]}
+    for spec in (CALLS_ASSET, SPEAKERS):
+        with env.connect() as conn, conn.transaction(force_rollback=True):
+            build = _incremental_build(conn, catalog, spec)
+            changed = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(CHANGED)).fetchone()[0]
+            keys = sql.SQL(", ").join(map(sql.Identifier, spec.source_key))
+            rows = sql.SQL("SELECT r.* FROM ({}) r JOIN {} USING ({})").format(build(spec.build.rows), CHANGED, keys)
+            built = _plan(conn, build, rows)
+            afters = [_plan(conn, build, build(statement)) for statement in spec.build.after]
+            # The plans are for the rows these keys really build.
+            assert 0 < build.run(conn, sql.SQL("SELECT count(*) FROM ({}) x").format(rows)).fetchone()[0] <= changed
+        for table in large[spec.name]:
+            assert not _unkeyed(built, table), f"{spec.name}: all of {table} read\n{built}"
+        assert _scans(built, large[spec.name][0]), f"{spec.name}: the raw rows are not read\n{built}"
+        for plan in afters:  # prefect_reps: the changed calls' speakers, by the calls' key
+            assert not _unkeyed(plan, "speakers"), f"{spec.name}: after: all of speakers read\n{plan}"
+    assert afters, "speakers keeps prefect_reps current after its build"
