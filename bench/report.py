@@ -6,10 +6,10 @@ import statistics
 
 from bench.run import median
 
-#: The targets, each as (what, comparison, bound).
+#: The targets (#16), each as (what, comparison, bound). The plain baseline is reported beside
+#: them, with no target: it lands raw replicas only, none of the app's tables, trigger or indexes.
 TARGETS = {
     "full_vs_copy": (">=", 0.5),
-    "full_vs_baseline": (">=", 10.0),
     "incremental_vs_full": ("<=", 0.10),
     # As an operator runs it: one process, no Prefect API configured (in-process).
     "no_change_wall_s": ("<", 3.0),

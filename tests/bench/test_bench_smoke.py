@@ -26,7 +26,8 @@ def test_bench_runs_and_writes_its_results(tmp_path: Path) -> None:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| raw binary COPY from Arrow in memory (the limit) |" in done.stdout
+    assert "| binary COPY of the sync's app rows into the app's schema (the limit) |" in done.stdout
+    assert "| binary COPY of the source rows from Arrow into plain tables (no keys, no triggers) |" in done.stdout
 
     text = out.read_text()
     result = json.loads(text)
@@ -39,12 +40,14 @@ def test_bench_runs_and_writes_its_results(tmp_path: Path) -> None:
     (size,) = result["sizes"]
     summary = size["summary"]
     assert summary["rows"] == sum(size["tables"].values()) and size["tables"]["gong.transcript"] > 1500
-    assert set(summary["rows_per_s"]) >= {"copy_limit", "source_read", "baseline", "sync_full"}
+    assert set(summary["rows_per_s"]) >= {"copy_limit", "source_copy", "source_read", "baseline", "sync_full"}
     assert all(rate > 0 for rate in summary["rows_per_s"].values())
-    assert set(summary["ratios"]) >= {"full_vs_copy", "full_vs_baseline", "incremental_vs_full"}
-    assert set(summary["targets"]) == {
-        "full_vs_copy", "full_vs_baseline", "incremental_vs_full", "no_change_wall_s", "peak_rss_mb",
-    }
+    assert set(summary["ratios"]) >= {"full_vs_copy", "full_vs_source_copy", "full_vs_baseline", "incremental_vs_full"}
+    assert set(summary["targets"]) == {"full_vs_copy", "incremental_vs_full", "no_change_wall_s", "peak_rss_mb"}
+    # The limit is the sync's own app rows into the app's schema: its full-text trigger and GIN
+    # index make that slower than the source rows into plain tables.
+    assert summary["seconds"]["copy_limit"] > summary["seconds"]["source_copy"] > 0
+    assert result["settings"]["monologue_bytes"] == [1000, 5000]
     assert summary["seconds"]["sync_incremental"] > 0 and summary["seconds"]["sync_no_change"] > 0
     assert 0 < summary["peak_rss_mb"]["full"] < 4096
     # The baseline moved about the subset it was asked for; the incremental run loaded the changed
