@@ -165,8 +165,11 @@ def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[As
         ended = ctx.outcomes[name].status
         status[name] = "failed" if failure is not None and ended == "success" else ended
         ctx.finishes.record(name, status[name])
-        if ctx.outcomes[name].error_type == "RunLockLost":
-            stopped = f"not started: {ctx.outcomes[name].error}"
+        # Any asset that found the lock gone, collected or not yet: a downstream that waited on it
+        # may end (skipped) and be collected first.
+        lost = next((o for o in ctx.outcomes.values() if o.error_type == "RunLockLost"), None)
+        if lost is not None and not stopped:
+            stopped = f"not started: {lost.error}"
     return [ctx.outcomes[n] for n in graph.names]
 
 
