@@ -17,7 +17,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.urls import url_for
 
-from assets.errors import SyncError
+from assets.errors import SyncError, UpstreamFailed
 from graph import Selection
 from observability.events import AssetOutcome, RunInfo
 from observability.logs import trace_url
@@ -40,7 +40,12 @@ setup_metrics()
 
 @task(name="materialize-asset", task_run_name="asset-{name}", cache_policy=NO_CACHE)
 def materialize_task(name: str, ctx: RunContext) -> AssetOutcome:
-    return materialize_asset(ctx.graph.spec(name), ctx)
+    try:
+        return materialize_asset(ctx.graph.spec(name), ctx)
+    except UpstreamFailed:
+        # Landed, then skipped because an upstream failed: not this task's failure (no traceback
+        # in the UI); its outcome says why, and the run reports it skipped.
+        return ctx.outcomes[name]
 
 
 class PrefectExecutor:

@@ -248,7 +248,9 @@ def test_a_failed_asset_has_an_error_span_and_its_downstream_say_why_they_skippe
         reason = skipped.attributes["asset.skip_reason"]
         assert reason.startswith("upstream failed: calls"), reason
         assert reason.endswith("; its own rows were landed and are built by the next run"), reason
-        assert skipped.parent_id != run.span_id  # its task ran
+        assert skipped.parent_id != run.span_id  # its task ran, and did not fail: it was skipped
+        task = one(s for s in spans if s.span_id == skipped.parent_id)
+        assert task.name == f"asset-{name}" and task.status_code != 2, (task.name, task.status_code)
         steps = {s.name for s in spans if s.parent_id == skipped.span_id}
         assert {"asset.land", "asset.wait_upstream"} <= steps and "asset.build" not in steps, steps
         assert env.rows(f"SELECT count(*) FROM {name}") == [(0,)]
