@@ -146,7 +146,11 @@ def test_a_run_exports_one_trace_with_row_counts_metrics_and_json_logs(env, rece
         assert json.loads(asset.attributes["asset.cursor_before"]) == {t: None for t in checkpoints[name]}
         assert json.loads(asset.attributes["asset.cursor_after"]) == checkpoints[name]
         steps = {s.name: s for s in spans if s.parent_id == asset.span_id}
-        assert set(steps) == {"asset.land", "asset.build"}
+        # An asset with upstream lands first, then waits for them, then builds.
+        waits = {"asset.wait_upstream"} if name in ("speakers", "transcripts") else set()
+        assert set(steps) == {"asset.land", "asset.build"} | waits
+        ordered = [s.name for s in sorted(steps.values(), key=lambda s: s.start_ns)]
+        assert ordered == ["asset.land", *waits, "asset.build"], ordered
         assert all(s.start_ns >= asset.start_ns and s.end_ns <= asset.end_ns for s in steps.values())
         # Landing checks each source table's schema; building secures the raw tables, then builds.
         schema_checks = [s for s in spans if s.parent_id == steps["asset.land"].span_id and s.name == "asset.schema"]
