@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psycopg
 import pyarrow as pa
@@ -63,6 +64,10 @@ def copy_limit(url: str, tables: dict[str, pa.Table]) -> float:
         return time.perf_counter() - started
 
 
+#: Bytes per write of the destination COPY.
+_COPY_CHUNK = 1 << 20
+
+
 def destination_copy_limit(world: World, sync_url: str) -> float:
     """Seconds to write what the sync wrote to the application's tables, with one binary COPY per
     table, into a fresh database with the app's schema (its keys, foreign keys, indexes and
@@ -72,7 +77,7 @@ def destination_copy_limit(world: World, sync_url: str) -> float:
     each row as it does for the sync, so what the app's schema costs is in both sides of the ratio.
     """
     catalog = Catalog(load_settings())
-    dumps: dict[str, tempfile._TemporaryFileWrapper] = {}
+    dumps: dict[str, IO[bytes]] = {}
     try:
         with psycopg.connect(sync_url) as conn:
             for table in APP_TABLES:  # in the order the foreign keys allow
@@ -96,10 +101,6 @@ def destination_copy_limit(world: World, sync_url: str) -> float:
     finally:
         for dump in dumps.values():
             dump.close()
-
-
-#: Bytes per write of the destination COPY.
-_COPY_CHUNK = 1 << 20
 
 
 def source_read(world: World) -> tuple[float, int]:

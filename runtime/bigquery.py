@@ -150,8 +150,8 @@ def timestamp_literal(value: dt.datetime) -> str:
     return "TIMESTAMP '" + value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00:00") + "'"
 
 
-#: Largest Arrow table a read yields. A server may send far larger messages (the emulator sends
-#: 50k rows a message: 157 MB of 3 KB monologues); every step after the read (casts, the NUL
+#: Largest Arrow table a read yields. A server may send far larger messages (the emulator sends up
+#: to 65,536 rows a message: 157 MB for 50k monologues of 3 KB); every step after the read (casts, the NUL
 #: scrub, dlt's writer) copies what it is given, so each works on slices of this size instead.
 READ_SLICE_BYTES = 8 * 1024 * 1024
 

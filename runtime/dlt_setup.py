@@ -63,7 +63,6 @@ def _parse_json_paths_once() -> None:
 _parse_json_paths_once()
 
 
-
 def _parse_urls_without_sqlalchemy() -> None:
     """dlt parses and renders connection strings with SQLAlchemy's URL whenever SQLAlchemy is
     installed (Prefect brings it): 0.12 s of imports in every process, for two functions that

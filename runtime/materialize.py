@@ -157,7 +157,7 @@ def materialize_asset(spec: AssetSpec, ctx: RunContext) -> AssetOutcome:
     outcome.duration_s = time.perf_counter() - started
     ctx.outcomes[spec.name] = outcome
     ctx.finishes.record(spec.name, outcome.status)  # what waits on it may build now (or skip)
-    if outcome.status == "failed" or outcome.status == "cancelled":
+    if outcome.status in ("failed", "cancelled"):
         _log_failure(ctx, outcome)
     if outcome.status != "skipped":  # a skipped asset built nothing: its sync_status stays as it was
         _record_status(ctx, outcome)

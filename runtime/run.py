@@ -150,8 +150,6 @@ def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[As
                   and len(running) < ctx.settings.max_parallel):
                 waiting.remove(name)
                 running[executor.submit(name, ctx)] = name
-            if name in status:
-                ctx.finishes.record(name, status[name])
         if not running:
             continue
         done = executor.wait_any(list(running))
