@@ -31,6 +31,8 @@ def summarize(size: dict) -> dict:
     source_copy_s = median(samples, "copy_s")
     copy_s = median(samples, "copy_app_s") if all("copy_app_s" in s for s in samples) else source_copy_s
     source_s = median(samples, "source_s")
+    # Samples from before dlt alone was measured have none.
+    dlt_s = median(samples, "dlt_alone_s") if all("dlt_alone_s" in s for s in samples) else None
     # Extrapolated: the baseline moves a subset of the rows (REST paging is slow).
     baseline_rate = statistics.median(
         s["baseline"]["rows"] / (s["baseline"]["query_s"] + s["baseline"]["load_s"]) for s in samples
@@ -56,6 +58,7 @@ def summarize(size: dict) -> dict:
             "copy_limit": rows / copy_s,
             "source_copy": rows / source_copy_s,
             "source_read": rows / source_s,
+            **({"dlt_alone": rows / dlt_s} if dlt_s else {}),
             "baseline": baseline_rate,
             "sync_full": full_rate,
             "sync_full_in_process": rows / full_run_s,
@@ -64,6 +67,7 @@ def summarize(size: dict) -> dict:
             "copy_limit": copy_s,
             "source_copy": source_copy_s,
             "source_read": source_s,
+            **({"dlt_alone": dlt_s} if dlt_s else {}),
             "baseline_subset": median(samples, "baseline", "query_s") + median(samples, "baseline", "load_s"),
             "sync_full": full_s,
             "sync_full_in_process": full_run_s,
@@ -133,6 +137,8 @@ def table(size: dict) -> str:
         f"| binary COPY of the sync's app rows into the app's schema (the limit) | {sec['copy_limit']:.1f} | {copy:,.0f} | 1.00 |",
         f"| binary COPY of the source rows from Arrow into plain tables (no keys, no triggers) | {sec['source_copy']:.1f} | {rate['source_copy']:,.0f} | {rate['source_copy'] / copy:.2f} |",
         f"| Storage Read API alone (the source) | {sec['source_read']:.1f} | {rate['source_read']:,.0f} | {rate['source_read'] / copy:.2f} |",
+        *([f"| dlt alone, tuned: Arrow → Parquet → ADBC binary COPY into plain tables (no app schema) | {sec['dlt_alone']:.1f} | {rate['dlt_alone']:,.0f} | {rate['dlt_alone'] / copy:.2f} |"]
+          if "dlt_alone" in sec else []),
         f"| REST query + dlt defaults (baseline, {s['baseline_rows']:,}-row subset) | {sec['baseline_subset']:.1f} | {rate['baseline']:,.0f} | {rate['baseline'] / copy:.3f} |",
         f"| this project, full sync (whole process) | {sec['sync_full']:.1f} | {rate['sync_full']:,.0f} | {rate['sync_full'] / copy:.2f} |",
         f"| this project, full sync (inside the process) | {sec['sync_full_in_process']:.1f} | {rate['sync_full_in_process']:,.0f} | {rate['sync_full_in_process'] / copy:.2f} |",

@@ -1,4 +1,4 @@
-"""One benchmark size: seed, then repeat the four measurements and keep every sample."""
+"""One benchmark size: seed, then repeat the measurements and keep every sample."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.measures import SyncRun, copy_limit, destination_copy_limit, plain_baseline, project_sync, read_tables, source_read
+from bench.measures import SyncRun, copy_limit, destination_copy_limit, dlt_alone, plain_baseline, project_sync, read_tables, source_read
 from bench.world import World
 
 log = logging.getLogger("bench")
@@ -35,9 +35,13 @@ def repetition(world: World, number: int, baseline_fraction: float, work: Path, 
     world.restart_emulator()
     with world.database("copy") as url:
         sample["copy_s"] = copy_limit(url, tables)
+    log.info("  raw COPY %.2f s", sample["copy_s"])
+    with world.database("dlt_alone") as url:
+        sample["dlt_alone_s"] = dlt_alone(url, tables, work / f"dlt-alone-{number}")
+    log.info("  dlt alone (Arrow, Parquet, ADBC COPY into plain tables) %.2f s", sample["dlt_alone_s"])
+    shutil.rmtree(work / f"dlt-alone-{number}", ignore_errors=True)
     del tables
     gc.collect()
-    log.info("  raw COPY %.2f s", sample["copy_s"])
 
     world.restart_emulator()
     sample["source_s"], sample["source_rows"] = source_read(world)

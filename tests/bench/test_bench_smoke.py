@@ -28,6 +28,7 @@ def test_bench_runs_and_writes_its_results(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| binary COPY of the sync's app rows into the app's schema (the limit) |" in done.stdout
     assert "| binary COPY of the source rows from Arrow into plain tables (no keys, no triggers) |" in done.stdout
+    assert "| dlt alone, tuned: Arrow → Parquet → ADBC binary COPY into plain tables (no app schema) |" in done.stdout
 
     text = out.read_text()
     result = json.loads(text)
@@ -40,7 +41,7 @@ def test_bench_runs_and_writes_its_results(tmp_path: Path) -> None:
     (size,) = result["sizes"]
     summary = size["summary"]
     assert summary["rows"] == sum(size["tables"].values()) and size["tables"]["gong.transcript"] > 1500
-    assert set(summary["rows_per_s"]) >= {"copy_limit", "source_copy", "source_read", "baseline", "sync_full"}
+    assert set(summary["rows_per_s"]) >= {"copy_limit", "source_copy", "source_read", "dlt_alone", "baseline", "sync_full"}
     assert all(rate > 0 for rate in summary["rows_per_s"].values())
     assert set(summary["ratios"]) >= {"full_vs_copy", "full_vs_source_copy", "full_vs_baseline", "incremental_vs_full"}
     assert set(summary["targets"]) == {"full_vs_copy", "incremental_vs_full", "no_change_wall_s", "peak_rss_mb"}
