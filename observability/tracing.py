@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 
 from opentelemetry import context as otel_context
+from opentelemetry import propagate
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -163,8 +164,29 @@ def _detach(token: object) -> None:
         pass
 
 
+def trace_parent() -> dict[str, str]:
+    """The current span as W3C trace-context headers: what another process needs to put its
+    spans in this trace (empty when nothing is traced)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+@contextlib.contextmanager
+def under_trace_parent(carrier: dict[str, str]) -> Iterator[None]:
+    """Spans started in the block are children of the span `carrier` names (from trace_parent)."""
+    token = otel_context.attach(propagate.extract(carrier)) if carrier else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _detach(token)
+
+
 class TracingHook(Hook):
     """Turns run, asset and step events into spans with row counts, cursors and errors."""
+
+    watches_in_the_asset = True
 
     def __init__(self, provider: trace.TracerProvider | None = None) -> None:
         self.tracer = trace.get_tracer(TRACER_NAME, tracer_provider=provider)

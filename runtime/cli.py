@@ -147,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     # tables that do not fit, in a second, before any work. (A scheduled run fails only the
     # assets whose tables are missing, with an alert: nobody is at the terminal to fix it.)
     settings = load_settings()
+    if settings.dask_scheduler_address and not api:
+        # Only a flow run has a task runner to send assets to.
+        logging.getLogger("gong_sync").warning(
+            "DASK_SCHEDULER_ADDRESS is set but no Prefect API is configured: the assets run in this process")
     graph = default_graph().subgraph(selection.resolve_ordered(default_graph()))
     check_before_work(settings, graph)
     # Imported after the preflight: importing the runner installs tracing, and the preflight's

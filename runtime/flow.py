@@ -11,21 +11,24 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.urls import url_for
 
-from assets.errors import SyncError, UpstreamFailed
+from assets.errors import ConfigError, SyncError, UpstreamFailed
 from graph import Selection
 from observability.events import AssetOutcome, RunInfo
 from observability.logs import trace_url
 from observability.metrics import setup_metrics
-from observability.tracing import setup_tracing
+from observability.tracing import setup_tracing, trace_parent
 from runtime.artifacts import RunArtifacts
 from runtime.materialize import RunContext, materialize_asset
+from runtime.remote import AssetJob, AssetResult, run_job
 from runtime.run import RunFailed, RunReport, default_hooks, execute
+from runtime.settings import task_runner_address
 
 __all__ = ["RunFailed", "RunReport", "execute", "sync_flow"]
 
@@ -48,11 +51,26 @@ def materialize_task(name: str, ctx: RunContext) -> AssetOutcome:
         return ctx.outcomes[name]
 
 
+@task(name="materialize-asset", task_run_name="asset-{job.asset}", cache_policy=NO_CACHE)
+def materialize_job_task(job: AssetJob) -> AssetResult | State:
+    """One asset from plain values, in whatever process the task runner chose."""
+    result = run_job(job)
+    if result.outcome.status in ("failed", "cancelled"):
+        # Failed in the UI, and the outcome still reaches the flow.
+        return Failed(message=f"{result.outcome.error_type}: {result.outcome.error}", data=result)
+    return result
+
+
 class PrefectExecutor:
-    """Assets as Prefect task runs of the flow run (they show in the UI)."""
+    """Assets as Prefect task runs of the flow run (they show in the UI), in this process."""
+
+    overlaps = True
 
     def submit(self, name: str, ctx: RunContext) -> PrefectFuture:
         return materialize_task.submit(name, ctx)
+
+    def settle(self, future: PrefectFuture, name: str, ctx: RunContext) -> None:
+        pass
 
     def wait_any(self, futures: list[PrefectFuture]) -> PrefectFuture:
         done = next(iter(as_completed(futures)))
@@ -61,6 +79,52 @@ class PrefectExecutor:
 
     def failure(self, future: Any) -> str | None:
         return None if future.state.is_completed() else str(future.state.message)
+
+
+class RemoteExecutor(PrefectExecutor):
+    """Assets as Prefect task runs on a task runner whose workers are other processes (Dask):
+    each gets an `AssetJob` of plain values and sends back its outcome, which the flow reports."""
+
+    overlaps = False
+
+    def submit(self, name: str, ctx: RunContext) -> PrefectFuture:
+        job = AssetJob(
+            asset=name, run=ctx.run, lock=ctx.lock, full_refresh=name in ctx.full_refresh,
+            allow_mass_delete=ctx.guard.allowed, reconcile=ctx.reconcile, trace_parent=trace_parent(),
+        )
+        ctx.hooks.asset_started(ctx.run, name)
+        return materialize_job_task.submit(job)
+
+    def settle(self, future: PrefectFuture, name: str, ctx: RunContext) -> None:
+        try:
+            result = future.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - the worker died: run_graph reports the task's failure
+            return
+        if isinstance(result, AssetResult):
+            for topic, text in result.notices:
+                ctx.hooks.notice(ctx.run, topic, text)
+            ctx.outcomes[name] = result.outcome
+            ctx.hooks.asset_finished(ctx.run, result.outcome, None)
+
+
+def _task_runner() -> Any:
+    """Threads in this process; a Dask cluster's workers when DASK_SCHEDULER_ADDRESS names one."""
+    address = task_runner_address()
+    if not address:
+        return ThreadPoolTaskRunner(max_workers=TASK_RUNNER_THREADS)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("DASK_SCHEDULER_ADDRESS is set but prefect-dask is not installed: "
+                          "pip install 'gong-sync[dask]'") from None
+    return DaskTaskRunner(address=address)
+
+
+def _executor() -> PrefectExecutor:
+    """In-process tasks share the run's clients; tasks on other processes get plain values."""
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    return PrefectExecutor() if runner is None or isinstance(runner, ThreadPoolTaskRunner) else RemoteExecutor()
 
 
 def _run_link(run: RunInfo) -> str | None:
@@ -76,7 +140,7 @@ def _flow_run_name() -> str:
 @flow(
     name="gong-sync",
     flow_run_name=_flow_run_name,
-    task_runner=ThreadPoolTaskRunner(max_workers=TASK_RUNNER_THREADS),
+    task_runner=_task_runner(),
     validate_parameters=True,
 )
 def sync_flow(
@@ -99,7 +163,7 @@ def sync_flow(
             reconcile=reconcile,
             hooks=default_hooks(json_logs=log_format == "json", extra=[progress] if progress else [], run_link=_run_link),
             progress=progress.update if progress else None,
-            executor=PrefectExecutor(),
+            executor=_executor(),
             flow_run_id=flow_run.id,
             run_hooks=lambda graph: [RunArtifacts(graph)],
         )

@@ -36,6 +36,7 @@ from runtime.postgres import (
     record_sync_status,
     secure_raw_table,
 )
+from runtime.session import LockHolder
 from runtime.settings import Settings
 
 
@@ -88,6 +89,8 @@ class RunContext:
     reconcile: bool = False
     #: Raises RunLockLost when the run's lock is gone; called before each land and each build.
     verify_lock: Callable[[], None] = lambda: None
+    #: The session holding the run lock: how an asset run in another process checks it.
+    lock: LockHolder | None = None
     #: Set when the operator stops the run: assets stop at their next safe point.
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: Progress | None = None

@@ -81,7 +81,15 @@ class RunFailed(SyncError):
 class Executor(Protocol):
     """Runs one asset at a time on behalf of `run_graph`: Prefect tasks, or a thread pool."""
 
+    #: An asset may start (and land) while its upstream runs, waiting on `ctx.finishes` before its
+    #: build: only where the assets share this process.
+    overlaps: bool
+
     def submit(self, name: str, ctx: RunContext) -> Any: ...
+
+    def settle(self, future: Any, name: str, ctx: RunContext) -> None:
+        """Once `future` is done: an asset run elsewhere reports its outcome here (in-process ones
+        have reported already)."""
 
     def wait_any(self, futures: list[Any]) -> Any:
         """Block until one of `futures` is done; return it."""
@@ -93,6 +101,8 @@ class Executor(Protocol):
 class LocalExecutor:
     """Assets on a thread pool in this process: no Prefect API, no server."""
 
+    overlaps = True
+
     def __init__(self, threads: int) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="asset")
 
@@ -102,6 +112,9 @@ class LocalExecutor:
     def wait_any(self, futures: list[concurrent.futures.Future]) -> concurrent.futures.Future:
         done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
         return next(f for f in futures if f in done)
+
+    def settle(self, future: concurrent.futures.Future, name: str, ctx: RunContext) -> None:
+        pass
 
     def failure(self, future: concurrent.futures.Future) -> str | None:
         exc = future.exception()
@@ -116,6 +129,7 @@ def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[As
 
     An asset submitted while its upstream runs lands its own sources and waits for them before
     its build (`Finishes`); an upstream submitted first never waits on it, so nothing deadlocks.
+    Assets run in other processes (`executor.overlaps` false) start once their upstream succeeded.
 
     Once the run is cancelled (Ctrl-C, SIGTERM) or its lock is lost, nothing new starts: what
     waits is `cancelled` or `skipped`, and the running assets stop at their next safe point.
@@ -146,7 +160,7 @@ def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[As
                 ctx.outcomes[name] = outcome
                 status[name] = "skipped"
                 ctx.hooks.asset_finished(ctx.run, outcome, UpstreamFailed(outcome.error))
-            elif (all(status.get(u) == "success" or u in running.values() for u in upstream)
+            elif (all(status.get(u) == "success" or (executor.overlaps and u in running.values()) for u in upstream)
                   and len(running) < ctx.settings.max_parallel):
                 waiting.remove(name)
                 running[executor.submit(name, ctx)] = name
@@ -154,6 +168,7 @@ def run_graph(graph: AssetGraph, ctx: RunContext, executor: Executor) -> list[As
             continue
         done = executor.wait_any(list(running))
         name = running.pop(done)
+        executor.settle(done, name, ctx)
         failure = executor.failure(done)
         if name not in ctx.outcomes:  # the task died before it could report
             ctx.outcomes[name] = AssetOutcome(asset=name, status="failed", error=failure)
@@ -263,12 +278,14 @@ def execute(
     with session:
         # The run's own records: sync_runs rows in Postgres and, in a flow run, Prefect artifacts.
         hooks = HookSet([hooks, SyncRunsRecorder(session.pool, session.catalog), *run_hooks(subgraph)])
+        if executor is not None and not executor.overlaps:  # assets run in other processes
+            hooks = hooks.for_remote_assets()
         ctx = RunContext(
             settings=settings, url=session.url, clients=session.clients, pool=session.pool,
             catalog=session.catalog, hooks=hooks, run=run, graph=subgraph,
             full_refresh=frozenset(names) if full_refresh else frozenset(), progress=progress,
             guard=DeleteGuard.of(settings, allowed=allow_mass_delete),
-            verify_lock=lambda: verify_lock(session.lock_conn), reconcile=reconcile,
+            verify_lock=lambda: verify_lock(session.lock_conn), lock=session.lock, reconcile=reconcile,
             cancel=cancel or STOP,
         )
         local = executor is None

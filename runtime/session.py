@@ -34,6 +34,36 @@ class RunLockLost(SyncError):
     since another run may now hold it."""
 
 
+@dataclass(frozen=True)
+class LockHolder:
+    """Which server session holds the run lock: a pid alone may be reused by a later session."""
+
+    pid: int
+    backend_start: str
+
+
+def lock_holder(conn: psycopg.Connection) -> LockHolder:
+    """The session of `conn` (the one that took the run lock)."""
+    pid, started = conn.execute(
+        "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    ).fetchone()
+    return LockHolder(pid, started)
+
+
+def verify_lock_held_by(conn: psycopg.Connection, holder: LockHolder) -> None:
+    """From any connection (an asset run in another process): raise RunLockLost unless the
+    holder's session is still alive and still holds the run lock."""
+    held = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.pid = %s AND a.backend_start = %s::timestamptz AND l.granted"
+        " AND ((l.classid::bigint << 32) | l.objid::bigint) = %s)",
+        (holder.pid, holder.backend_start, RUN_LOCK_KEY),
+    ).fetchone()[0]
+    if not held:
+        raise RunLockLost("the run lock is no longer held by the run's session; stopping, since another run may "
+                          "hold it now")
+
+
 def verify_lock(conn: psycopg.Connection) -> None:
     """Raise RunLockLost unless the lock's connection is alive and still holds the run lock."""
     try:
@@ -87,6 +117,7 @@ class Session:
     pool: ConnectionPool
     catalog: Catalog
     lock_conn: psycopg.Connection
+    lock: LockHolder
 
     def __enter__(self) -> "Session":
         return self
@@ -114,6 +145,7 @@ def open_session(settings: Settings, graph: AssetGraph) -> Session:
         clients.close()
         raise RunLockHeld(f"skipped: another run holds the lock on {endpoint}")
     try:
+        holder = lock_holder(lock_conn)
         pool = open_pool(url, settings)
         catalog = Catalog(settings)
         with pool.connection() as conn:
@@ -124,4 +156,4 @@ def open_session(settings: Settings, graph: AssetGraph) -> Session:
         lock_conn.close()
         clients.close()
         raise
-    return Session(url, endpoint, clients, pool, catalog, lock_conn)
+    return Session(url, endpoint, clients, pool, catalog, lock_conn, holder)

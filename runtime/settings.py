@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     internal_email_domains: Annotated[tuple[str, ...], NoDecode] = ("prefect.io",)
     #: Where dlt keeps its working folders (pending load packages); state also lives in Postgres.
     pipelines_dir: Path = _DEFAULT_STATE_DIR / "pipelines"
+    #: A Dask scheduler (`tcp://host:8786`): the flow's assets run on its workers, each opening its
+    #: own connections, instead of on threads of the flow's process (needs the `dask` extra).
+    dask_scheduler_address: str | None = None
 
     @field_validator("internal_email_domains", mode="before")
     @classmethod
@@ -180,6 +183,16 @@ class Settings(BaseSettings):
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise CredentialError(f"DATABASE_URL: the port is not a number from 1 to 65535; {_ENCODE_HINT}")
         return url
+
+
+def task_runner_address() -> str | None:
+    """DASK_SCHEDULER_ADDRESS, read when the flow is defined (its task runner is chosen then); a
+    bad value elsewhere in the settings is the run's to report, not the import's."""
+    try:
+        address = load_settings().dask_scheduler_address
+    except ConfigError:
+        return None
+    return address.strip() or None if address else None
 
 
 def load_settings(**overrides: object) -> Settings:
