@@ -107,8 +107,7 @@ class World:
 
     def __init__(self, folder: Path, database_url: str | None = None) -> None:
         self.folder = folder
-        # Restarted between measurements: a million monologues take minutes to write out on stop.
-        self.emulator = BigQueryEmulator(data_dir=folder / "bigquery", stop_timeout_s=1200)
+        self.emulator = BigQueryEmulator(data_dir=folder / "bigquery")
         self.prefect = PrefectServer(folder / "prefect")
         self._given_url = database_url
         self._postgres: EmbeddedPostgres | None = None

@@ -120,12 +120,8 @@ class BigQueryEmulator:
 
     host = "127.0.0.1"
 
-    def __init__(self, project: str = DEFAULT_PROJECT, data_dir: str | os.PathLike[str] | None = None,
-                 stop_timeout_s: float = _STOP_TIMEOUT_S) -> None:
+    def __init__(self, project: str = DEFAULT_PROJECT, data_dir: str | os.PathLike[str] | None = None) -> None:
         self.project = project
-        #: How long `stop()` lets it shut down before killing it: a persistent emulator writes its
-        #: catalog on the way out, and one killed early forgets tables created since it started.
-        self.stop_timeout_s = stop_timeout_s
         self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
         self.rest_port: int | None = None
         self.grpc_port: int | None = None
@@ -214,7 +210,7 @@ class BigQueryEmulator:
         if process is not None and process.poll() is None:
             process.terminate()
             try:
-                process.wait(self.stop_timeout_s)
+                process.wait(_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(_STOP_TIMEOUT_S)
