@@ -20,14 +20,17 @@ CALL = SourceTable(
 OWN_COLUMNS = ("id", "title", "scheduled", "purpose", "url")
 
 
+#: The raw calls of the changed Gong ids (every one on a full build), by the raw table's key.
+_CHANGED_IDS = "(SELECT k.gong_call_id FROM {changed} k UNION ALL SELECT a.id FROM {call} a WHERE {full})"
+
+
 def _winners(*, changed_only: bool) -> str:
     """The live winner per Gong id, with its whole raw row as JSON: optional columns (which vary
     by account and connector version) read as NULL when the table lacks them. `changed_only`: an
     incremental build picks the winners of the changed ids only (by the raw table's key)."""
     # Not `{full} OR c.id IN …`: an IN under an OR is checked row by row over the whole table;
     # alone it is a join, and the `WHERE false` branch of an incremental build is planned away.
-    only = ("AND c.id IN (SELECT k.gong_call_id FROM {changed} k UNION ALL SELECT a.id FROM {call} a WHERE {full})"
-            if changed_only else "")
+    only = "AND c.id IN " + _CHANGED_IDS if changed_only else ""
     return f"""
     SELECT DISTINCT ON (c.id) c.*, to_jsonb(c) AS j
     FROM {{call}} c
@@ -37,8 +40,6 @@ def _winners(*, changed_only: bool) -> str:
 
 
 _WINNERS = _winners(changed_only=True)
-# Dead letters are compared against every two-workspace call, changed or not.
-_ALL_WINNERS = _winners(changed_only=False)
 
 # The columns of `reads` exist in the raw table (as NULL when the source lacks them), so they are
 # read by name; every other field comes from the row's JSON. `duration` is seconds; a source that
@@ -71,15 +72,17 @@ BUILD = Build(
     rows=ROWS,
     changed="SELECT c.id AS gong_call_id FROM {call_new} c",
     gone="SELECT a.id FROM {app_calls} a JOIN {gone} g ON g.gong_call_id = a.gong_call_id",
-    # The other workspace's copy of a call id that two workspaces hold.
+    # The other workspace's copy of a call id that two workspaces hold. Which copy loses changes
+    # only when a copy of that id lands: the changed ids' rows are all that is looked at.
     rejects="""
         SELECT c.id || ':' || c.workspace_id, jsonb_build_object('id', c.id, 'workspace_id', c.workspace_id),
                to_jsonb(c) - '_dlt_load_id' - '_dlt_id' - '_gs_seq',
                'call id ' || c.id || ' is also in workspace ' || w.workspace_id
                    || ', whose row is newer by _fivetran_synced; the app keys calls by Gong id alone'
-        FROM {call} c JOIN (""" + _ALL_WINNERS + """) w ON w.id = c.id AND w.workspace_id <> c.workspace_id
+        FROM {call} c JOIN (""" + _WINNERS + """) w ON w.id = c.id AND w.workspace_id <> c.workspace_id
         WHERE NOT coalesce(c._fivetran_deleted, false)
     """,
+    reject_scope="SELECT c.id || ':' || c.workspace_id FROM {call} c WHERE c.id IN " + _CHANGED_IDS,
 )
 
 ASSET = AssetSpec(

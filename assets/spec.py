@@ -156,6 +156,9 @@ class Build(_Frozen):
       longer built): those rows are deleted, after the guard.
     - `rejects` (optional) selects `(row_key, primary_key jsonb, row jsonb, reason)` of source rows
       the build leaves out on purpose; they go to dead letters.
+    - `reject_scope` (optional) selects the row keys whose reject status this build may change
+      (those of the changed keys; every one on a full build): only their dead letters may leave,
+      so that `rejects` itself need only look at them. Without it, every row is in scope.
     - `after` statements run last, in the same transaction (derived values of other tables).
     """
 
@@ -164,12 +167,14 @@ class Build(_Frozen):
     changed: str
     gone: str = ""
     rejects: str = ""
+    reject_scope: str = ""
     checks: tuple[Check, ...] = ()
     after: tuple[str, ...] = ()
 
     @property
     def texts(self) -> tuple[str, ...]:
-        return (self.rows, self.changed, self.gone, self.rejects, *(c.sql for c in self.checks), *self.after)
+        return (self.rows, self.changed, self.gone, self.rejects, self.reject_scope, *(c.sql for c in self.checks),
+                *self.after)
 
     @model_validator(mode="after")
     def _known_slots(self) -> Build:

@@ -68,9 +68,12 @@ BUILD = Build(
                jsonb_build_object('call_id', t.call_id, 'index', t.index, 'workspace_id', t.workspace_id),
                to_jsonb(t) - '_dlt_load_id' - '_dlt_id' - '_gs_seq',
                'index ' || t.index || ' does not fit the app''s sequence_number (an integer from 0)'
-        FROM {transcript} t
+        FROM {transcript_new} t
         WHERE NOT coalesce(t._fivetran_deleted, false) AND t.index NOT BETWEEN 0 AND 2147483647
     """,
+    # A row's index is its own: only rows that landed since the last build (all on a full build)
+    # can become or stop being a reject.
+    reject_scope="SELECT t.call_id || ':' || t.index || ':' || t.workspace_id FROM {transcript_new} t",
     gone="""
         SELECT a.id FROM {gone} g
         JOIN {app_calls} c ON c.gong_call_id = g.gong_call_id

@@ -343,12 +343,15 @@ def _dead_letter_rejects(conn: psycopg.Connection, catalog: Catalog, spec: Asset
     changed ones counted); they leave once the build takes them again."""
     source = spec.build.inputs[0]
     # A row the build takes again (its copy became the newer one) leaves dead letters.
+    # Only rows in scope can have changed their status: an incremental build looks at those alone.
+    scope = (sql.SQL(" AND d.row_key IN (SELECT k FROM ({}) s (k))").format(build(spec.build.reject_scope))
+             if spec.build.reject_scope else sql.SQL(""))
     build.run(conn, sql.SQL(
         "DELETE FROM {dl} d WHERE d.asset = {asset} AND d.source_table = {table} AND d.errors -> 0 ->> 'kind' = 'build'"
-        " AND d.row_key NOT IN (SELECT k FROM ({rejects}) x (k, pk, r, reason))"
+        "{scope} AND d.row_key NOT IN (SELECT k FROM ({rejects}) x (k, pk, r, reason))"
     ).format(
         dl=catalog.dead_letters, asset=sql.Placeholder("dl_asset"), table=sql.Placeholder("dl_table"),
-        rejects=build(spec.build.rejects),
+        rejects=build(spec.build.rejects), scope=scope,
     ), dl_asset=spec.name, dl_table=source.table)
     written = build.run(conn, sql.SQL(
         "INSERT INTO {dl} AS d (asset, source_table, row_key, primary_key, row, errors, run_id)"

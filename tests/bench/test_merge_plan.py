@@ -235,6 +235,7 @@ def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(e
         conn.execute(sql.SQL("ANALYZE {}").format(GONE))
         gone_keys = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(GONE)).fetchone()[0]
         gone = _plan(conn, build, build(TRANSCRIPTS.build.gone))
+        rejects = [_plan(conn, build, build(t)) for t in (TRANSCRIPTS.build.rejects, TRANSCRIPTS.build.reject_scope)]
         found = build.run(conn, sql.SQL("SELECT count(*) FROM ({}) g").format(
             build(TRANSCRIPTS.build.gone))).fetchone()[0]
         # Soft-deleted monologues of live calls have an app row to delete; those of the seed's
@@ -251,6 +252,8 @@ def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(e
             assert not any("Seq Scan" in s for s in scans), f"{what}: a scan of all of {table}\n{plan}"
         assert any("Index" in s for s in _scans(plan, app)), f"{what}: {app} is not read by index\n{plan}"
     assert any("Index" in s for s in _scans(built, raw)), f"building reads {raw} not by index\n{built}"
+    for plan in rejects:  # monologues whose index the app cannot hold: the newly landed rows only
+        assert not _unkeyed(plan, raw), f"dead-letter rejects read all of {raw}\n{plan}"
 
 
 def test_incremental_calls_and_speakers_builds_fetch_changed_rows_by_key(env) -> None:
@@ -290,6 +293,8 @@ def test_incremental_calls_and_speakers_builds_fetch_changed_rows_by_key(env) ->
             rows = sql.SQL("SELECT r.* FROM ({}) r JOIN {} USING ({})").format(build(spec.build.rows), CHANGED, keys)
             built = _plan(conn, build, rows)
             afters = [_plan(conn, build, build(statement)) for statement in spec.build.after]
+            # Dead letters: the rows whose reject status may change, and the rejects among them.
+            rejects = [_plan(conn, build, build(text)) for text in (spec.build.rejects, spec.build.reject_scope) if text]
             # The plans are for the rows these keys really build.
             assert 0 < build.run(conn, sql.SQL("SELECT count(*) FROM ({}) x").format(rows)).fetchone()[0] <= changed
         for table in large[spec.name]:
@@ -297,4 +302,6 @@ def test_incremental_calls_and_speakers_builds_fetch_changed_rows_by_key(env) ->
         assert _scans(built, large[spec.name][0]), f"{spec.name}: the raw rows are not read\n{built}"
         for plan in afters:  # prefect_reps: the changed calls' speakers, by the calls' key
             assert not _unkeyed(plan, "speakers"), f"{spec.name}: after: all of speakers read\n{plan}"
+        for plan in rejects:  # two workspaces' copies of a call id: the changed ids' only
+            assert not _unkeyed(plan, large[spec.name][0]), f"{spec.name}: rejects read all raw rows\n{plan}"
     assert afters, "speakers keeps prefect_reps current after its build"
