@@ -344,8 +344,9 @@ def _dead_letter_rejects(conn: psycopg.Connection, catalog: Catalog, spec: Asset
     source = spec.build.inputs[0]
     # A row the build takes again (its copy became the newer one) leaves dead letters.
     # Only rows in scope can have changed their status: an incremental build looks at those alone.
+    # A full build looks at every letter: one whose raw row is gone (a re-landed table) leaves too.
     scope = (sql.SQL(" AND d.row_key IN (SELECT k FROM ({}) s (k))").format(build(spec.build.reject_scope))
-             if spec.build.reject_scope else sql.SQL(""))
+             if spec.build.reject_scope and not build.params.get("full") else sql.SQL(""))
     build.run(conn, sql.SQL(
         "DELETE FROM {dl} d WHERE d.asset = {asset} AND d.source_table = {table} AND d.errors -> 0 ->> 'kind' = 'build'"
         "{scope} AND d.row_key NOT IN (SELECT k FROM ({rejects}) x (k, pk, r, reason))"

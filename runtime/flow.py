@@ -78,7 +78,8 @@ class PrefectExecutor:
         return done
 
     def failure(self, future: Any) -> str | None:
-        return None if future.state.is_completed() else str(future.state.message)
+        state = future.state
+        return None if state.is_completed() else state.message or f"task run ended {state.type.value} with no message"
 
 
 class RemoteExecutor(PrefectExecutor):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import psycopg
+
 from assets.errors import SyncError
 from graph import default_graph
 from observability.events import AssetOutcome, RunInfo
@@ -66,7 +68,7 @@ def run_job(job: AssetJob) -> AssetResult:
     try:
         with under_trace_parent(job.trace_parent):
             _materialize(job, hooks, outcomes)
-    except SyncError as exc:
+    except (SyncError, psycopg.Error) as exc:
         # Before the asset started (settings, connections): it failed where it was sent.
         outcomes.setdefault(job.asset, AssetOutcome(asset=job.asset, status="failed", error=str(exc),
                                                     error_type=type(exc).__name__, step="start"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import psycopg
@@ -9,7 +10,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from assets import ALL_ASSETS
-from assets.errors import SyncError
+from assets.errors import SyncError, TransientError
 from graph import AssetGraph
 from runtime import bigquery
 from runtime.bigquery import BigQueryClients
@@ -39,13 +40,13 @@ class LockHolder:
     """Which server session holds the run lock: a pid alone may be reused by a later session."""
 
     pid: int
-    backend_start: str
+    backend_start: dt.datetime
 
 
 def lock_holder(conn: psycopg.Connection) -> LockHolder:
     """The session of `conn` (the one that took the run lock)."""
     pid, started = conn.execute(
-        "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
     ).fetchone()
     return LockHolder(pid, started)
 
@@ -53,12 +54,18 @@ def lock_holder(conn: psycopg.Connection) -> LockHolder:
 def verify_lock_held_by(conn: psycopg.Connection, holder: LockHolder) -> None:
     """From any connection (an asset run in another process): raise RunLockLost unless the
     holder's session is still alive and still holds the run lock."""
-    held = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.pid = %s AND a.backend_start = %s::timestamptz AND l.granted"
-        " AND ((l.classid::bigint << 32) | l.objid::bigint) = %s)",
-        (holder.pid, holder.backend_start, RUN_LOCK_KEY),
-    ).fetchone()[0]
+    # The holder's session is visible to sessions of the same role (pg_stat_activity): the
+    # workers connect as the flow does.
+    try:
+        held = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.pid = %s AND a.backend_start = %s AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = %s)",
+            (holder.pid, holder.backend_start, RUN_LOCK_KEY),
+        ).fetchone()[0]
+    except psycopg.Error as exc:
+        raise TransientError(f"could not check the run lock ({type(exc).__name__}); stopping at this safe point") from None
     if not held:
         raise RunLockLost("the run lock is no longer held by the run's session; stopping, since another run may "
                           "hold it now")
