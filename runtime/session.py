@@ -51,19 +51,24 @@ def lock_holder(conn: psycopg.Connection) -> LockHolder:
     return LockHolder(pid, started)
 
 
+#: Whether a session (`{who}`, a condition on `a`, its pg_stat_activity row) holds the run lock in
+#: this database: one advisory lock on a bigint key (objsubid 1).
+_RUN_LOCK_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = %s AND {who})"
+)
+
+
 def verify_lock_held_by(conn: psycopg.Connection, holder: LockHolder) -> None:
     """From any connection (an asset run in another process): raise RunLockLost unless the
     holder's session is still alive and still holds the run lock."""
     # The holder's session is visible to sessions of the same role (pg_stat_activity): the
     # workers connect as the flow does.
     try:
-        held = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.pid = %s AND a.backend_start = %s AND l.granted"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = %s)",
-            (holder.pid, holder.backend_start, RUN_LOCK_KEY),
-        ).fetchone()[0]
+        held = conn.execute(_RUN_LOCK_HELD.format(who="a.pid = %s AND a.backend_start = %s"),
+                            (RUN_LOCK_KEY, holder.pid, holder.backend_start)).fetchone()[0]
     except psycopg.Error as exc:
         raise TransientError(f"could not check the run lock ({type(exc).__name__}); stopping at this safe point") from None
     if not held:
@@ -74,11 +79,7 @@ def verify_lock_held_by(conn: psycopg.Connection, holder: LockHolder) -> None:
 def verify_lock(conn: psycopg.Connection) -> None:
     """Raise RunLockLost unless the lock's connection is alive and still holds the run lock."""
     try:
-        held = conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
-            " AND granted AND ((classid::bigint << 32) | objid::bigint) = %s)",
-            (RUN_LOCK_KEY,),
-        ).fetchone()[0]
+        held = conn.execute(_RUN_LOCK_HELD.format(who="a.pid = pg_backend_pid()"), (RUN_LOCK_KEY,)).fetchone()[0]
     except psycopg.Error as exc:
         raise RunLockLost(f"the run lock's connection is gone ({type(exc).__name__}); stopping, since another "
                           "run may hold the lock now") from None
