@@ -72,11 +72,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _emulator_command() -> list[str]:
-    """The console script next to this interpreter, else `python -m bqemulator` (same install)."""
-    script = Path(sys.executable).with_name("bqemulator")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "bqemulator"]
+    """bqemulator's command line, run by `emulator_process` (which lifts one of its limits)."""
+    return [sys.executable, "-m", "runtime.local.emulator_process"]
 
 
 #: The emulator's gRPC message cap. Its default (11 MiB) is below one 65,536-row Arrow batch of a
