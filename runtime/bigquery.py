@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,12 @@ class BigQueryClients:
     read_timeout: float = 3600.0
     #: Where the clients point, for messages: an emulator names its setting.
     endpoint: str = "BigQuery"
+    #: Largest share of a read session one stream may carry, or None to read the streams the
+    #: server made. BigQuery's ReadRows messages are small whatever the stream; the emulator sends
+    #: a stream in messages of up to 65,536 rows (200 MB of 3 KB monologues, which gRPC and the
+    #: client hold several times over while decoding), so against it streams are split until each
+    #: is this small: a 200k-transcript read peaked at 931 MB unsplit, 187 MB in 4 MB streams.
+    stream_bytes: int | None = None
 
     @property
     def retry(self):  # noqa: ANN201 - google.api_core Retry
@@ -83,7 +90,8 @@ def connect(settings: Settings) -> BigQueryClients:
         )
         storage = BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
         return BigQueryClients(project, rest, storage, settings.bigquery_timeout, settings.bigquery_read_timeout,
-                               endpoint=f"the emulator at {settings.bigquery_emulator_host} (BIGQUERY_EMULATOR_HOST)")
+                               endpoint=f"the emulator at {settings.bigquery_emulator_host} (BIGQUERY_EMULATOR_HOST)",
+                               stream_bytes=EMULATOR_STREAM_BYTES)
 
     credentials = _google_credentials(settings)
     rest = bigquery.Client(project=project, credentials=credentials, location=settings.bigquery_location)
@@ -150,10 +158,16 @@ def timestamp_literal(value: dt.datetime) -> str:
     return "TIMESTAMP '" + value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00:00") + "'"
 
 
-#: Largest Arrow table a read yields. A server may send far larger messages (the emulator sends up
-#: to 65,536 rows a message: 157 MB for 50k monologues of 3 KB); every step after the read (casts, the NUL
-#: scrub, dlt's writer) copies what it is given, so each works on slices of this size instead.
-READ_SLICE_BYTES = 8 * 1024 * 1024
+#: Largest stream of a read session against the emulator (see `BigQueryClients.stream_bytes`).
+EMULATOR_STREAM_BYTES = 4 * 1024 * 1024
+
+#: Most streams one read session is split into: past it, streams stay larger than asked.
+MAX_SPLIT_STREAMS = 1024
+
+#: Largest Arrow table a read yields. A server may send larger messages; every step after the read
+#: (casts, the NUL scrub, dlt's writer) copies what it is given, so each works on slices of this
+#: size instead (a row group of dlt's files is at most 1,000 rows: `runtime/dlt_setup.py`).
+READ_SLICE_BYTES = 2 * 1024 * 1024
 
 
 def _slices(batch: pa.RecordBatch) -> Iterator[pa.Table]:
@@ -163,12 +177,20 @@ def _slices(batch: pa.RecordBatch) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch.slice(offset, rows)])
 
 
+def _detail(exc: gexc.GoogleAPICallError, chars: int = 300) -> str:
+    """The server's message, shortened: enough to say what failed, never a whole dump."""
+    text = " ".join(str(exc.message or type(exc).__name__).split())
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
 @dataclass
 class ReadStats:
     """What one table read cost: rows and the Arrow bytes received."""
 
     rows: int = 0
     bytes: int = 0
+    #: Streams read, after any split.
+    streams: int = 0
 
 
 class TableReader:
@@ -192,6 +214,31 @@ class TableReader:
             return list(self.clients.rest.get_table(self.ref, retry=self.clients.retry, timeout=self.clients.timeout).schema)
         except gexc.NotFound:
             raise SourceTableMissing(f"source table {self.ref} does not exist") from None
+
+    def _split(self, session: types.ReadSession) -> list[str]:
+        """The session's stream names, each split until it carries at most `stream_bytes` of the
+        session's estimated bytes. A stream the server will not split (no primary) is read whole."""
+        names = [stream.name for stream in session.streams]
+        limit = self.clients.stream_bytes
+        estimate = session.estimated_total_bytes_scanned
+        if not limit or not names or estimate <= limit * len(names):
+            return names
+        parts = min(math.ceil(estimate / len(names) / limit), MAX_SPLIT_STREAMS // len(names))
+        split: list[str] = []
+        retry = Retry(predicate=if_transient_error, timeout=self.clients.timeout)
+        for rest in names:
+            # Cut 1/k off what is left, k = parts .. 2: equal parts, in the stream's own order.
+            for k in range(parts, 1, -1):
+                answer = self.clients.storage.split_read_stream(
+                    request=types.SplitReadStreamRequest(name=rest, fraction=1 / k),
+                    retry=retry, timeout=self.clients.timeout,
+                )
+                if not answer.primary_stream.name:
+                    break
+                split.append(answer.primary_stream.name)
+                rest = answer.remainder_stream.name
+            split.append(rest)
+        return split
 
     def read(
         self, columns: Sequence[str] | None, cursor: str, since: dt.datetime | None
@@ -218,8 +265,10 @@ class TableReader:
                 retry=Retry(predicate=if_transient_error, timeout=self.clients.timeout),
                 parent=f"projects/{self.clients.project}", read_session=session, max_stream_count=MAX_READ_STREAMS
             )
-        except gexc.NotFound:
-            raise SourceTableMissing(f"source table {self.ref} does not exist") from None
+            streams = self._split(session)
+        except gexc.NotFound as exc:
+            # The server's own words too: an emulator answers NOT_FOUND for any failure of its read.
+            raise SourceTableMissing(f"BigQuery Storage read of {self.ref}: not found: {_detail(exc)}") from None
         except (gexc.RetryError, gexc.DeadlineExceeded):
             raise TransientError(
                 f"BigQuery Storage read of {self.ref}: no answer within {self.clients.timeout:g} s (BIGQUERY_TIMEOUT)"
@@ -230,10 +279,11 @@ class TableReader:
         # Streams are read one after another: reading them from parallel threads was measured
         # slower on two cores (1M transcript rows from the emulator: 0.8M rows/s in turn,
         # 0.4-0.5M rows/s in parallel), as decoding competes with the server and the loader.
-        for stream in session.streams:
+        self.stats.streams += len(streams)
+        for stream in streams:
             # The stream object resumes at its offset when the connection drops mid-read.
             try:
-                for response in self.clients.storage.read_rows(stream.name, timeout=self.clients.read_timeout):
+                for response in self.clients.storage.read_rows(stream, timeout=self.clients.read_timeout):
                     payload = response.arrow_record_batch.serialized_record_batch
                     del response  # the message holds a second copy of the payload while it is read
                     batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema)

@@ -12,6 +12,8 @@ import pytest
 from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import types
 
+from assets.errors import SourceTableMissing
+from runtime.bigquery import MAX_READ_STREAMS, BigQueryClients, TableReader
 from runtime.local.emulator import (
     DEFAULT_PROJECT,
     BigQueryEmulator,
@@ -130,3 +132,60 @@ def test_stop_closes_the_ports() -> None:
     assert not _accepts("127.0.0.1", rest_port)
     assert not _accepts("127.0.0.1", grpc_port)
     emulator.stop()  # stopping twice is harmless
+
+
+def _monologue_table(client: bigquery.Client, project: str, rows: int) -> tuple[str, str]:
+    """A table of `rows` monologues of 1 KB each, in order of `n`; (dataset, table)."""
+    client.create_dataset(f"{project}.reads", exists_ok=True)
+    ref = f"{project}.reads.monologues"
+    client.delete_table(ref, not_found_ok=True)
+    client.create_table(bigquery.Table(ref, schema=[
+        bigquery.SchemaField("n", "INT64"),
+        bigquery.SchemaField("text", "STRING"),
+        bigquery.SchemaField("_fivetran_synced", "TIMESTAMP"),
+    ]))
+    load_arrow(client, ref, pa.table({
+        "n": pa.array(range(rows), pa.int64()),
+        "text": [f"{n:06d}" + "x" * 1018 for n in range(rows)],
+        "_fivetran_synced": pa.array([STAMP + dt.timedelta(seconds=n) for n in range(rows)], pa.timestamp("us", tz="UTC")),
+    }))
+    return "reads", "monologues"
+
+
+def test_a_split_read_returns_every_row_once_in_order(emu: BigQueryEmulator, bq: bigquery.Client) -> None:
+    """Against the emulator a large session is read in small streams (its messages are as large as
+    a stream): the parts together are the table, each row once, in the table's order."""
+    dataset, table = _monologue_table(bq, emu.project, 3000)
+
+    def read(stream_bytes: int | None) -> tuple[list[int], TableReader]:
+        storage = emulator_storage_client(emu.grpc_target)
+        clients = BigQueryClients(emu.project, bq, storage, stream_bytes=stream_bytes)
+        reader = TableReader(clients, dataset, table)
+        try:
+            numbers = [n for part in reader.read(None, "_fivetran_synced", None) for n in part["n"].to_pylist()]
+        finally:
+            storage.transport.close()
+        return numbers, reader
+
+    whole, unsplit = read(None)
+    parts, split = read(256 * 1024)  # 3 MB of text in parts of at most 256 KB
+    assert sorted(whole) == list(range(3000))
+    assert parts == whole
+    assert unsplit.stats.streams <= MAX_READ_STREAMS
+    assert split.stats.streams >= 3 * 1024 * 1024 // (256 * 1024)
+    assert split.stats.rows == 3000 and split.stats.bytes == unsplit.stats.bytes
+
+
+def test_a_refused_read_session_says_what_the_server_said(emu: BigQueryEmulator, bq: bigquery.Client) -> None:
+    """The emulator answers NOT_FOUND for any failure of its read: the message keeps its reason."""
+    dataset, table = _monologue_table(bq, emu.project, 10)
+    storage = emulator_storage_client(emu.grpc_target)
+    reader = TableReader(BigQueryClients(emu.project, bq, storage), dataset, table)
+    try:
+        with pytest.raises(SourceTableMissing) as failure:
+            list(reader.read(None, "no_such_column", STAMP))
+    finally:
+        storage.transport.close()
+    message = str(failure.value)
+    assert message.startswith(f"BigQuery Storage read of {emu.project}.reads.monologues: not found: ")
+    assert "no_such_column" in message and len(message) < 400
