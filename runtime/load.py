@@ -24,6 +24,7 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 from assets.errors import Cancelled, PermanentError, SourceTableMissing, SyncError, TransientError
 from assets.spec import AssetSpec, SourceTable
 from runtime import dlt_setup  # noqa: F401 - configures dlt for this process before any pipeline
+from runtime import process_memory  # noqa: F401 - malloc arenas, before any asset's thread
 from runtime.bigquery import BigQueryClients, TableReader
 from runtime.late_rows import LateRowWindow, open_window
 from runtime.postgres import Endpoint
