@@ -18,7 +18,7 @@ from pathlib import Path
 
 from assets.errors import ConfigError
 from runtime.local.embedded_pg import EmbeddedPostgres
-from runtime.local.emulator import BigQueryEmulator
+from runtime.local.emulator import EMULATOR_MODULE, BigQueryEmulator
 
 #: Calls in the demo workspace: big enough to look real, small enough to sync in seconds.
 DEMO_CALLS = 200
@@ -164,12 +164,13 @@ def _running(pattern: list[str]) -> list[int]:
 
 
 def _emulator_running() -> bool:
+    """True when a bqemulator runs: ours (`python -m EMULATOR_MODULE`) or its own command."""
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if any(arg == "bqemulator" or arg.endswith("/bqemulator") for arg in argv[:3]):
+        if any(arg in ("bqemulator", EMULATOR_MODULE) or arg.endswith("/bqemulator") for arg in argv[:3]):
             return True
     return False
 

@@ -71,9 +71,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+#: The module that runs bqemulator's command line with one of its limits lifted.
+EMULATOR_MODULE = "runtime.local.emulator_process"
+
+#: This checkout's root: the emulator's process imports EMULATOR_MODULE from it, whatever its
+#: working folder and whichever checkout is installed.
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
 def _emulator_command() -> list[str]:
-    """bqemulator's command line, run by `emulator_process` (which lifts one of its limits)."""
-    return [sys.executable, "-m", "runtime.local.emulator_process"]
+    return [sys.executable, "-m", EMULATOR_MODULE]
 
 
 #: The emulator's gRPC message cap. Its default (11 MiB) is below one 65,536-row Arrow batch of a
@@ -86,6 +93,7 @@ def _child_env() -> dict[str, str]:
     """The caller's environment without `BQEMU_*` settings, so only our settings configure the emulator."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("BQEMU_")}
     env["BQEMU_WRITE_API_MAX_REQUEST_BYTES"] = str(_MAX_MESSAGE_BYTES)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SOURCE_ROOT), env.get("PYTHONPATH")]))
     return env
 
 

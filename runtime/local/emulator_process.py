@@ -5,7 +5,8 @@ table in batches of a million rows. An Arrow string column holds at most 2 GiB p
 session over a million transcript monologues of 1-5 KB fails inside the emulator ("Arrow Appender:
 the maximum total string size ... exceeds") and the emulator answers NOT_FOUND. BigQuery itself
 has no such limit. Fetching in batches of 65,536 rows, the size the emulator sends them in anyway,
-keeps each batch far below it; nothing else about the emulator changes.
+keeps each batch far below it. Every fetch of the emulator goes this way (read sessions, query
+results, table listings): the same rows in more batches; nothing else about it changes.
 """
 
 from __future__ import annotations

@@ -189,3 +189,36 @@ def test_a_refused_read_session_says_what_the_server_said(emu: BigQueryEmulator,
     message = str(failure.value)
     assert message.startswith(f"BigQuery Storage read of {emu.project}.reads.monologues: not found: ")
     assert "no_such_column" in message and len(message) < 400
+
+
+def _messages_per_stream(emu: BigQueryEmulator, dataset: str, table: str, streams: int) -> list[int]:
+    storage = emulator_storage_client(emu.grpc_target)
+    try:
+        session = storage.create_read_session(
+            parent=f"projects/{emu.project}",
+            read_session=types.ReadSession(table=f"projects/{emu.project}/datasets/{dataset}/tables/{table}",
+                                           data_format=types.DataFormat.ARROW),
+            max_stream_count=streams,
+        )
+        return [sum(1 for _ in storage.read_rows(s.name)) for s in session.streams]
+    finally:
+        storage.transport.close()
+
+
+def test_the_launcher_lifts_the_emulators_message_cap(emu: BigQueryEmulator, bq: bigquery.Client) -> None:
+    """One unsplit stream of 12 MB of monologues is one message, above bqemulator's default cap
+    of 11 MiB per gRPC message: it arrives."""
+    dataset, table = _monologue_table(bq, emu.project, 12_000)
+    assert _messages_per_stream(emu, dataset, table, 1) == [1]
+
+
+def test_the_launcher_fetches_in_65536_row_batches(emu: BigQueryEmulator, bq: bigquery.Client) -> None:
+    """bqemulator's own fetch makes one batch of up to a million rows, which cannot hold 2 GiB of
+    text; the launcher's makes batches of 65,536. Seen from a client: 140,000 rows in 4 streams of
+    35,000, and the second stream (rows 35,000-70,000) crosses a batch boundary: two messages."""
+    bq.create_dataset(f"{emu.project}.batches", exists_ok=True)
+    ref = f"{emu.project}.batches.numbers"
+    bq.delete_table(ref, not_found_ok=True)
+    bq.create_table(bigquery.Table(ref, schema=[bigquery.SchemaField("n", "INT64"), bigquery.SchemaField("m", "INT64")]))
+    load_arrow(bq, ref, pa.table({"n": pa.array(range(140_000), pa.int64()), "m": pa.array(range(140_000), pa.int64())}))
+    assert _messages_per_stream(emu, "batches", "numbers", 4) == [1, 2, 1, 2]

@@ -399,3 +399,21 @@ def test_clean_without_demo_is_exit_2(tmp_path):
     assert result.returncode == 2
     assert "--clean goes with --demo" in result.stderr
     assert Path(tmp_path).exists()
+
+
+def test_demo_clean_keeps_the_emulators_upload_folder_while_an_emulator_runs(tmp_path):
+    """The upload folder is shared by every emulator of a temp folder and made only at its start:
+    removed under a running one, that emulator's next load job would fail."""
+    from runtime.local.emulator import BigQueryEmulator
+
+    temp = tmp_path / "tmp"
+    uploads = temp / "bqemu_uploads"
+    uploads.mkdir(parents=True)
+    folder = tmp_path / "demo"
+    env_vars = {"TMPDIR": str(temp)}
+    with BigQueryEmulator():
+        kept = materialize("--demo", "--clean", "--demo-dir", str(folder), env_vars=env_vars)
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert uploads.is_dir()
+        assert "upload folder" not in kept.stdout
+    # Not checked after the stop: other tests' emulators may still run (the folder stays then too).
