@@ -166,7 +166,7 @@ MAX_SPLIT_STREAMS = 1024
 
 #: Largest Arrow table a read yields. A server may send larger messages; every step after the read
 #: (casts, the NUL scrub, dlt's writer) copies what it is given, so each works on slices of this
-#: size instead (a row group of dlt's files is at most 1,000 rows: `runtime/dlt_setup.py`).
+#: size instead (dlt writes a row group once 1,000 rows are buffered: `runtime/dlt_setup.py`).
 READ_SLICE_BYTES = 2 * 1024 * 1024
 
 
@@ -217,7 +217,9 @@ class TableReader:
 
     def _split(self, session: types.ReadSession) -> list[str]:
         """The session's stream names, each split until it carries at most `stream_bytes` of the
-        session's estimated bytes. A stream the server will not split (no primary) is read whole."""
+        session's estimated bytes. BigQuery answers a split it cannot make with no primary stream,
+        and an emulator without SplitReadStream answers UNIMPLEMENTED: that stream, or every
+        stream, is then read whole."""
         names = [stream.name for stream in session.streams]
         limit = self.clients.stream_bytes
         estimate = session.estimated_total_bytes_scanned
@@ -229,10 +231,14 @@ class TableReader:
         for rest in names:
             # Cut 1/k off what is left, k = parts .. 2: equal parts, in the stream's own order.
             for k in range(parts, 1, -1):
-                answer = self.clients.storage.split_read_stream(
-                    request=types.SplitReadStreamRequest(name=rest, fraction=1 / k),
-                    retry=retry, timeout=self.clients.timeout,
-                )
+                try:
+                    answer = self.clients.storage.split_read_stream(
+                        request=types.SplitReadStreamRequest(name=rest, fraction=1 / k),
+                        retry=retry, timeout=self.clients.timeout,
+                    )
+                except gexc.MethodNotImplemented:
+                    parts = 1  # the server cannot split: this stream and the rest are read whole
+                    break
                 if not answer.primary_stream.name:
                     break
                 split.append(answer.primary_stream.name)
@@ -281,7 +287,8 @@ class TableReader:
         # 0.4-0.5M rows/s in parallel), as decoding competes with the server and the loader.
         self.stats.streams += len(streams)
         for stream in streams:
-            # The stream object resumes at its offset when the connection drops mid-read.
+            # The stream object resumes at its offset when the connection drops mid-read (the
+            # emulator ignores the offset and starts again: rows read twice land once, on their key).
             try:
                 for response in self.clients.storage.read_rows(stream, timeout=self.clients.read_timeout):
                     payload = response.arrow_record_batch.serialized_record_batch

@@ -18,9 +18,10 @@ os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 # its variable.
 os.environ.setdefault("DATA_WRITER__FILE_MAX_ITEMS", "100000")
 os.environ.setdefault("LOAD__WORKERS", "2")
-# Row groups of at most 1,000 rows (dlt's default buffer is 5,000): each load job holds a row group
-# and ADBC's COPY buffers for it, about five times its size; with 1-5 KB monologues a 5,000-row
-# group made each of the two jobs hold 130 MB, a 1,000-row one (2-8 MB of text) a third of it.
+# dlt writes its buffer as one Parquet row group once it holds 1,000 rows (default 5,000), so a
+# group is 1,000 rows plus at most one read slice (2 MB). Each load job holds a row group and
+# ADBC's COPY buffers for it, about five times its size: with 1-5 KB monologues a 5,000-row group
+# made each of the two jobs hold 130 MB, 1,000 rows about half of that (bench/).
 os.environ.setdefault("DATA_WRITER__BUFFER_MAX_ITEMS", "1000")
 
 

@@ -4,13 +4,12 @@ glibc gives each thread that allocates under contention an arena of its own and 
 freed in it for reuse. Assets run in threads (a landing, its reader, dlt's load workers), each
 passing tens of MB through malloc, so the process kept a high-water mark per thread: a full sync
 of 200k transcripts peaked at 622 MB with the default (8 per core) and 447 MB with two, in the
-same time (bench/). An operator's MALLOC_ARENA_MAX wins; elsewhere than glibc this does nothing.
+same time (bench/). An operator's MALLOC_ARENA_MAX (or glibc.malloc.arena_max tunable) wins; elsewhere than glibc this does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 #: glibc's mallopt parameter for the arena limit (malloc.h: M_ARENA_MAX).
@@ -20,14 +19,11 @@ ARENAS = 2
 
 def limit_malloc_arenas() -> bool:
     """Ask glibc for at most ARENAS arenas; False where that is not possible or was set already."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    name = ctypes.util.find_library("c")
-    if not name:
+    if os.environ.get("MALLOC_ARENA_MAX") or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_ARENA_MAX, ARENAS))
+        # The process's own symbols: the C library it runs on (find_library would spawn ldconfig).
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, ARENAS))
     except (OSError, AttributeError):  # not glibc: no mallopt, or no such parameter
         return False
 
