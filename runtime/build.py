@@ -17,6 +17,7 @@ from assets import ALL_ASSETS
 from assets.app_schema import TABLES
 from assets.errors import BuildError
 from assets.spec import FUNCTIONS, AssetSpec, slots_of
+from runtime.contract import duplicate_keys, unique_index
 from runtime.deletes import DeleteGuard, delete_rows
 from runtime.postgres import LOAD_ORDER, Catalog, table_exists
 from runtime.settings import Settings
@@ -177,6 +178,7 @@ def build_asset(
                 result.upserted = _insert(conn, spec, app, build, build(spec.build.rows))
             else:
                 _stage_rows(conn, spec, build, full=result.full)
+                _check_keys(conn, catalog, spec, full=result.full)
                 result.checks = _run_checks(conn, spec, build)
                 result.upserted = _update(conn, spec, app) + _insert(
                     conn, spec, app, build, sql.SQL("SELECT * FROM {}").format(ROWS))
@@ -243,6 +245,20 @@ def _stage_changed(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *
     # Before the rows are built: knowing the changed keys are few, Postgres fetches their rows by
     # key instead of hashing whole raw tables.
     conn.execute(sql.SQL("ANALYZE {}").format(CHANGED))
+
+
+def _check_keys(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, *, full: bool) -> None:
+    """The keys the built rows are matched by (identity, natural key) identify one app row each:
+    the app owns its tables and may have written a second row under a key. A full build looks at
+    the whole table, an incremental one at the keys it writes. A duplicate stops the build before
+    it writes anything, naming the rows."""
+    for key in dict.fromkeys(k for k in (spec.identity, spec.natural_key) if k):
+        if unique_index(conn, catalog, spec.table, key):
+            continue
+        among = None if full else sql.SQL("SELECT {} FROM {}").format(_names(key), ROWS)
+        problem = duplicate_keys(conn, catalog, spec.table, key, among)
+        if problem:
+            raise BuildError(f"{spec.name}: {problem}; nothing of this build was written")
 
 
 def _stage_rows(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *, full: bool) -> None:

@@ -30,6 +30,7 @@ from observability.events import RunInfo
 from observability.hooks import HookSet
 from runtime.bigquery import connect
 from runtime.build import CHANGED, GONE, ROWS, BuildSql, _stage_changed
+from runtime.contract import duplicate_keys_query
 from runtime.deletes import DeleteGuard
 from runtime.load import LandResult, land
 from runtime.local.seed import seed_workspace
@@ -235,6 +236,9 @@ def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(e
         conn.execute(sql.SQL("ANALYZE {}").format(GONE))
         gone_keys = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(GONE)).fetchone()[0]
         gone = _plan(conn, build, build(TRANSCRIPTS.build.gone))
+        # The check that the keys written identify one app row each (`_check_keys`).
+        shared = _plan(conn, build, duplicate_keys_query(catalog, app, TRANSCRIPTS.natural_key, sql.SQL(
+            "SELECT {} FROM {}").format(sql.SQL(", ").join(map(sql.Identifier, TRANSCRIPTS.natural_key)), ROWS)))
         rejects = [_plan(conn, build, build(t)) for t in (TRANSCRIPTS.build.rejects, TRANSCRIPTS.build.reject_scope)]
         found = build.run(conn, sql.SQL("SELECT count(*) FROM ({}) g").format(
             build(TRANSCRIPTS.build.gone))).fetchone()[0]
@@ -252,6 +256,7 @@ def test_an_incremental_transcripts_build_fetches_changed_and_gone_rows_by_key(e
             assert not any("Seq Scan" in s for s in scans), f"{what}: a scan of all of {table}\n{plan}"
         assert any("Index" in s for s in _scans(plan, app)), f"{what}: {app} is not read by index\n{plan}"
     assert any("Index" in s for s in _scans(built, raw)), f"building reads {raw} not by index\n{built}"
+    assert not _unkeyed(shared, app), f"checking the written keys reads all of {app}\n{shared}"
     for plan in rejects:  # monologues whose index the app cannot hold: the newly landed rows only
         assert not _unkeyed(plan, raw), f"dead-letter rejects read all of {raw}\n{plan}"
 

@@ -298,6 +298,47 @@ def test_a_failed_asset_skips_its_downstream_but_not_its_siblings(seeded):
                        " WHERE entity_type = 'users'")[0][0] == "failed"
 
 
+def test_a_key_two_app_rows_share_fails_only_the_build_that_writes_it(seeded):
+    """The app owns its tables and may write a second row under a key the pipeline matches by.
+    Each build checks the keys it writes (not the whole table at every run): a run that does not
+    touch the shared key goes on; one that does stops that asset's build, names the rows and
+    writes nothing; once the app removes its duplicate the change lands."""
+    assert sync(CORE).status == "success"
+    monologues = sorted(live(source(seeded, "transcript")), key=lambda t: (t["call_id"], t["index"]))
+    shared, other = monologues[0], next(t for t in monologues if t["call_id"] != monologues[0]["call_id"])
+    [(app_call,)] = seeded.rows("SELECT id FROM calls WHERE gong_call_id = %s", (shared["call_id"],))
+    with seeded.connect() as conn:
+        conn.execute("CREATE TEMP TABLE twin AS SELECT * FROM transcripts WHERE call_id = %s AND sequence_number = %s",
+                     (app_call, shared["index"]))
+        conn.execute("UPDATE twin SET id = gen_random_uuid()")
+        conn.execute("INSERT INTO transcripts SELECT * FROM twin")
+    sentence = json.dumps([{"start": 1, "end": 2, "text": "Changed in Gong"}])
+
+    update_rows(seeded.bq, seeded.gong("transcript"), {"call_id": other["call_id"], "index": other["index"]},
+                {"sentence": sentence}, LATER)
+    untouched = sync(CORE)
+    assert untouched.status == "success", [o.error for o in untouched.outcomes]
+    assert (other["call_id"], other["index"], "Changed in Gong", 1) in actual_transcripts(seeded)
+
+    later = LATER + dt.timedelta(minutes=1)
+    update_rows(seeded.bq, seeded.gong("transcript"), {"call_id": shared["call_id"], "index": shared["index"]},
+                {"sentence": sentence}, later)
+    before = seeded.rows("SELECT id, text FROM transcripts ORDER BY id")
+    report = sync(CORE)
+    transcripts = outcome(report, "transcripts")
+    assert transcripts.status == "failed" and outcome(report, "calls").status == "success"
+    assert (f"public.transcripts: (call_id, sequence_number) must identify one row, but rows share it,"
+            f" e.g. ({app_call}, {shared['index']}) × 2; nothing of this build was written") in transcripts.error
+    assert seeded.rows("SELECT id, text FROM transcripts ORDER BY id") == before
+
+    seeded.rows("DELETE FROM transcripts WHERE id IN (SELECT id FROM transcripts WHERE call_id = %s"
+                " AND sequence_number = %s ORDER BY id LIMIT 1) RETURNING id", (app_call, shared["index"]))
+    mended = sync(CORE)
+    assert mended.status == "success", [o.error for o in mended.outcomes]
+    assert (shared["call_id"], shared["index"], "Changed in Gong", 1) in actual_transcripts(seeded)
+    assert_in_step(seeded)
+
+
 def test_full_refresh_reconciles_in_place_and_keeps_ids(seeded):
     sync(CORE)
     total = seeded.rows("SELECT count(*) FROM gong_raw.gong__call")[0][0]
