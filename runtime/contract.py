@@ -3,8 +3,9 @@
 Against a database where the app's migrations ran, every column the selected assets write must
 exist with a compatible type and no column they leave alone may be NOT NULL without a default.
 Every problem is reported at once, naming table, column, expected and found; the run stops with
-exit 2 before anything is written. The keys they upsert and adopt on must identify one row: each
-build checks the keys it writes (`duplicate_keys`), through the key's index.
+exit 2 before anything is written. The keys they upsert and adopt on must identify one row: a
+table the pipeline has never built (an earlier importer's rows) is checked whole here; once built,
+each build checks the keys it writes (`duplicate_keys`), through the key's index.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Expected:
 
     table: str
     columns: tuple[Column, ...]
+    #: Column sets that must identify one row (the identity it upserts on, the key it adopts by).
+    unique: tuple[tuple[str, ...], ...]
+    #: The asset that builds it (None: sync_status, which every asset writes).
+    asset: str | None = None
 
 
 def expectations(specs: Iterable[AssetSpec]) -> list[Expected]:
@@ -54,8 +59,9 @@ def expectations(specs: Iterable[AssetSpec]) -> list[Expected]:
     for spec in specs:
         written = {c.name: c for c in spec.columns}
         identity = tuple(written.get(k) or col(k, ("uuid",)) for k in spec.identity if k not in written)
-        out.append(Expected(spec.table, identity + spec.columns))
-    out.append(Expected("sync_status", SYNC_STATUS))
+        unique = tuple(dict.fromkeys(k for k in (spec.identity, spec.natural_key) if k))
+        out.append(Expected(spec.table, identity + spec.columns, unique, spec.name))
+    out.append(Expected("sync_status", SYNC_STATUS, (("entity_type",),)))
     return out
 
 
@@ -70,11 +76,12 @@ def ensure_contract(conn: psycopg.Connection, catalog: Catalog, specs: Iterable[
             create_app_schema(conn, catalog)
             return
     problems: list[str] = []
+    built = built_assets(conn, catalog)
     for exp in expected:
         if exp.table not in present:
             problems.append(f"{catalog.dest_name}.{exp.table}: table missing (the application's migrations create it)")
             continue
-        problems += check_table(conn, catalog, exp)
+        problems += check_table(conn, catalog, exp, built)
     if problems:
         raise ContractError(
             f"the application's tables in schema {catalog.dest_name} do not match what the pipeline writes"
@@ -129,7 +136,14 @@ def create_app_schema(conn: psycopg.Connection, catalog: Catalog) -> None:
 _TYPMOD = re.compile(r"\([^)]*\)")
 
 
-def check_table(conn: psycopg.Connection, catalog: Catalog, exp: Expected) -> list[str]:
+def built_assets(conn: psycopg.Connection, catalog: Catalog) -> set[str]:
+    """The assets whose build has committed in this database (the pipeline's watermarks)."""
+    if conn.execute("SELECT to_regclass(%s) IS NULL", (f'"{catalog.sync_name}"."asset_watermarks"',)).fetchone()[0]:
+        return set()
+    return {name for (name,) in conn.execute(sql.SQL("SELECT asset FROM {}").format(catalog.watermarks))}
+
+
+def check_table(conn: psycopg.Connection, catalog: Catalog, exp: Expected, built: set[str]) -> list[str]:
     where = f"{catalog.dest_name}.{exp.table}"
     rows = conn.execute(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef OR a.attidentity <> ''"
@@ -150,9 +164,16 @@ def check_table(conn: psycopg.Connection, catalog: Catalog, exp: Expected) -> li
             problems.append(
                 f"{where}.{name}: NOT NULL without a default, and the pipeline does not write it (inserts would fail)"
             )
-    # The keys a table is matched by must identify one row: each build checks the keys it writes
-    # (`duplicate_keys`, from runtime/build.py). Checking the whole table here, at every run, grew
-    # with it: 33 s for a million transcripts without a unique index, twice a run.
+    # The keys a table is matched by must identify one row. Before its first build, the rows are
+    # someone else's (an earlier importer's) and the whole table is checked here. After it, each
+    # build checks the keys it writes (runtime/build.py): checking the whole table at every run
+    # grew with it, 33 s for a million transcripts (no unique index on their key), twice a run.
+    if exp.asset is None or exp.asset not in built:
+        for key in exp.unique:
+            if all(k in found for k in key) and not unique_index(conn, catalog, exp.table, key):
+                problem = duplicate_keys(conn, catalog, exp.table, key)
+                if problem:
+                    problems.append(problem)
     return problems
 
 
