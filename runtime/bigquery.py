@@ -227,6 +227,8 @@ class TableReader:
             return names
         parts = min(math.ceil(estimate / len(names) / limit), MAX_SPLIT_STREAMS // len(names))
         split: list[str] = []
+        # A retried split may have made streams whose answer was lost: they are never read, and a
+        # session's streams expire with it (the emulator is the only server split against).
         retry = Retry(predicate=if_transient_error, timeout=self.clients.timeout)
         for rest in names:
             # Cut 1/k off what is left, k = parts .. 2: equal parts, in the stream's own order.

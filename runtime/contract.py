@@ -178,9 +178,10 @@ def check_table(conn: psycopg.Connection, catalog: Catalog, exp: Expected, built
 
 
 def unique_index(conn: psycopg.Connection, catalog: Catalog, table: str, key: tuple[str, ...]) -> bool:
-    """Whether the app's `table` has a unique index on exactly `key` (no duplicates possible)."""
+    """Whether the app's `table` has a valid unique index on exactly `key` (no duplicates possible;
+    a failed CREATE UNIQUE INDEX CONCURRENTLY leaves an invalid one over duplicates)."""
     return conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique"
+        "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique AND i.indisvalid"
         " AND i.indpred IS NULL AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a"
         " WHERE a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)) = %s)",
         (f'"{catalog.dest_name}"."{table}"', sorted(key)),
@@ -206,8 +207,10 @@ def duplicate_keys_query(catalog: Catalog, table: str, key: tuple[str, ...],
     cols = sql.SQL(", ").join(map(sql.Identifier, key))
     t = catalog.dest_table(table)
     if among is None:
-        query = sql.SQL("SELECT {cols}, count(*) FROM {t} GROUP BY {cols} HAVING count(*) > 1 LIMIT 3").format(
-            cols=cols, t=t)
+        # NULL keys never match (as under a unique index): only set keys can be shared.
+        query = sql.SQL("SELECT {cols}, count(*) FROM {t} WHERE {set} GROUP BY {cols} HAVING count(*) > 1"
+                        " LIMIT 3").format(cols=cols, t=t, set=sql.SQL(" AND ").join(
+                            sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in key))
     else:
         match = sql.SQL(" AND ").join(sql.SQL("a.{c} = k.{c}").format(c=sql.Identifier(c)) for c in key)
         query = sql.SQL(
