@@ -247,6 +247,11 @@ class AssetSpec(_Frozen):
         return self
 
     @property
+    def matched_keys(self) -> tuple[tuple[str, ...], ...]:
+        """The column sets an app row is matched by (identity, natural key): each must be unique."""
+        return tuple(dict.fromkeys(k for k in (self.identity, self.natural_key) if k))
+
+    @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 

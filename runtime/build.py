@@ -17,7 +17,7 @@ from assets import ALL_ASSETS
 from assets.app_schema import TABLES
 from assets.errors import BuildError
 from assets.spec import FUNCTIONS, AssetSpec, slots_of
-from runtime.contract import duplicate_keys, unique_index
+from runtime.contract import shared_keys
 from runtime.deletes import DeleteGuard, delete_rows
 from runtime.postgres import LOAD_ORDER, Catalog, table_exists
 from runtime.settings import Settings
@@ -252,13 +252,10 @@ def _check_keys(conn: psycopg.Connection, catalog: Catalog, spec: AssetSpec, *, 
     the app owns its tables and may have written a second row under a key. A full build looks at
     the whole table, an incremental one at the keys it writes. A duplicate stops the build before
     it writes anything, naming the rows."""
-    for key in dict.fromkeys(k for k in (spec.identity, spec.natural_key) if k):
-        if unique_index(conn, catalog, spec.table, key):
-            continue
-        among = None if full else sql.SQL("SELECT {} FROM {}").format(_names(key), ROWS)
-        problem = duplicate_keys(conn, catalog, spec.table, key, among)
-        if problem:
-            raise BuildError(f"{spec.name}: {problem}; nothing of this build was written")
+    written = None if full else (lambda key: sql.SQL("SELECT {} FROM {}").format(_names(key), ROWS))
+    problems = shared_keys(conn, catalog, spec.table, spec.matched_keys, written)
+    if problems:
+        raise BuildError(f"{spec.name}: {problems[0]}; nothing of this build was written")
 
 
 def _stage_rows(conn: psycopg.Connection, spec: AssetSpec, build: BuildSql, *, full: bool) -> None:

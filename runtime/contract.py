@@ -5,14 +5,14 @@ exist with a compatible type and no column they leave alone may be NOT NULL with
 Every problem is reported at once, naming table, column, expected and found; the run stops with
 exit 2 before anything is written. The keys they upsert and adopt on must identify one row: a
 table the pipeline has never built (an earlier importer's rows) is checked whole here; once built,
-each build checks the keys it writes (`duplicate_keys`), through the key's index.
+each build checks the keys it writes (`shared_keys`), through the key's index.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -59,8 +59,7 @@ def expectations(specs: Iterable[AssetSpec]) -> list[Expected]:
     for spec in specs:
         written = {c.name: c for c in spec.columns}
         identity = tuple(written.get(k) or col(k, ("uuid",)) for k in spec.identity if k not in written)
-        unique = tuple(dict.fromkeys(k for k in (spec.identity, spec.natural_key) if k))
-        out.append(Expected(spec.table, identity + spec.columns, unique, spec.name))
+        out.append(Expected(spec.table, identity + spec.columns, spec.matched_keys, spec.name))
     out.append(Expected("sync_status", SYNC_STATUS, (("entity_type",),)))
     return out
 
@@ -168,12 +167,21 @@ def check_table(conn: psycopg.Connection, catalog: Catalog, exp: Expected, built
     # someone else's (an earlier importer's) and the whole table is checked here. After it, each
     # build checks the keys it writes (runtime/build.py): checking the whole table at every run
     # grew with it, 33 s for a million transcripts (no unique index on their key), twice a run.
-    if exp.asset is None or exp.asset not in built:
-        for key in exp.unique:
-            if all(k in found for k in key) and not unique_index(conn, catalog, exp.table, key):
-                problem = duplicate_keys(conn, catalog, exp.table, key)
-                if problem:
-                    problems.append(problem)
+    if exp.asset not in built:
+        problems += shared_keys(conn, catalog, exp.table, [k for k in exp.unique if all(c in found for c in k)])
+    return problems
+
+
+def shared_keys(conn: psycopg.Connection, catalog: Catalog, table: str, keys: Iterable[tuple[str, ...]],
+                among: Callable[[tuple[str, ...]], sql.Composable] | None = None) -> list[str]:
+    """What is wrong for each of `keys` that rows of the app's `table` share: keys without a
+    valid unique index are counted over the whole table, or only those `among(key)` selects."""
+    problems = []
+    for key in keys:
+        if not unique_index(conn, catalog, table, key):
+            problem = duplicate_keys(conn, catalog, table, key, among(key) if among else None)
+            if problem:
+                problems.append(problem)
     return problems
 
 
